@@ -1,0 +1,77 @@
+"""Backend registry and dispatch (DESIGN.md §2 "Backends").
+
+A backend is a module exposing, with the same signatures as `repa_fast.reference`:
+`repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)`,
+`urepa_loss(...)` (same arguments), `cosine_alignment_loss(z, t)` and `manifold_loss(z, t)`.
+Inputs arrive validated, as (B, N, C) token views, targets detached.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {"torch": "repa_fast.reference", "triton": "repa_fast.kernels", "cuda": "repa_fast.cuda_backend"}
+_loaded: Dict[str, Tuple[Optional[ModuleType], str]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says what is missing."""
+
+
+def _load(name: str) -> Tuple[Optional[ModuleType], str]:
+    """Import a backend once; remember why it failed so every later call can say it."""
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            reason = getattr(module, "unavailable_reason", lambda: "")()
+            _loaded[name] = (None, reason) if reason else (module, "")
+        except ImportError as err:
+            _loaded[name] = (None, f"importing {_MODULES[name]} failed: {err}")
+    return _loaded[name]
+
+
+def triton_interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _why_not(name: str, device: torch.device) -> str:
+    """Empty when backend `name` can run on tensors of `device`, else the reason."""
+    module, reason = _load(name)
+    if module is None:
+        return reason
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_active()):
+        return (f"the triton backend needs CUDA tensors (got {device}); on CPU it runs only under the "
+                "Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+    if name == "cuda" and device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got tensors on {device}"
+    return ""
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
+    """Backends that can run on `device` (default: CUDA when present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [name for name in BACKENDS if not _why_not(name, device)]
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> ModuleType:
+    """`backend=None` means REPA_FAST_BACKEND if set, else auto: CUDA tensors -> triton, then
+    cuda, then torch; CPU tensors -> torch. A named backend that cannot run is an error."""
+    if backend is None:
+        backend = os.environ.get("REPA_FAST_BACKEND", "").strip().lower() or "auto"
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, 'auto' or None, got {backend!r}")
+    if backend == "auto":
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
+        name = next(n for n in order if not _why_not(n, device))
+        return _load(name)[0]
+    reason = _why_not(backend, device)
+    if reason:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run: {reason}")
+    return _load(backend)[0]

@@ -1,0 +1,51 @@
+"""`repa-fast` command line: info, demo, bench."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import List, Optional
+
+import torch
+
+from . import __version__
+from .backends import BACKENDS, _why_not, triton_interpreter_active
+
+
+def _version_of(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def info() -> str:
+    """Versions, devices and which backend can run where, with the reason when one cannot."""
+    lines = [f"repa-fast {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}",
+             f"triton {_version_of('triton')}" + (" (interpreter: TRITON_INTERPRET=1)" if triton_interpreter_active() else "")]
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            lines.append(f"cuda:{index} {torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})")
+        devices.append(torch.device("cuda"))
+    else:
+        lines.append("cuda: not available")
+    for device in devices:
+        for name in BACKENDS:
+            reason = _why_not(name, device)
+            lines.append(f"backend {name:6s} on {device.type}: " + ("yes" if not reason else f"no ({reason})"))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="repa-fast", description="Fused REPA / U-REPA losses")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and available backends")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""REPA / U-REPA settings parsed from SimpleTuner's `crepa_*` / `urepa_*` config keys.
+
+A field is its key without the prefix (`crepa_block_index` -> `block_index`), except that
+`lambda` is spelled `lambda_`. Every field carries the `ParamSpec` that checks it; the schedule
+fields reuse `repa_fast.schedule.SCHEDULE_PARAMS`, so they are checked exactly as
+`LambdaSchedule` checks its arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+from .schedule import SCHEDULE_PARAMS, LambdaSchedule, ParamSpec
+
+_SPEC = "spec"
+
+
+def _field(default: Any, spec: ParamSpec) -> Any:
+    return dataclasses.field(default=default, metadata={_SPEC: spec})
+
+
+def _schedule_field(default: Any, name: str) -> Any:
+    return _field(default, SCHEDULE_PARAMS[name])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _AlignmentConfig:
+    """Fields and parsing shared by both configs; a subclass sets `prefix` and adds fields."""
+
+    prefix: ClassVar[str]
+
+    enabled: bool = _field(False, ParamSpec(bool))
+    lambda_: float = _schedule_field(0.5, "base")
+    scheduler: str = _schedule_field("constant", "scheduler")
+    warmup_steps: int = _schedule_field(0, "warmup_steps")
+    decay_steps: int = _schedule_field(0, "decay_steps")
+    lambda_end: float = _schedule_field(0.0, "lambda_end")
+    power: float = _schedule_field(1.0, "power")
+    cutoff_step: int = _schedule_field(0, "cutoff_step")
+    similarity_threshold: float | None = _schedule_field(None, "similarity_threshold")
+    similarity_ema_decay: float = _schedule_field(0.99, "similarity_ema_decay")
+    threshold_mode: str = _schedule_field("permanent", "threshold_mode")
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = field.metadata[_SPEC].parse(self.key(field.name), getattr(self, field.name))
+            object.__setattr__(self, field.name, value)  # frozen: store the normalized value
+
+    @classmethod
+    def key(cls, field_name: str) -> str:
+        """The config key of a field; the `_` of `lambda_` (`lambda` is a keyword) is dropped."""
+        return cls.prefix + field_name.removesuffix("_")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Every config key this class accepts."""
+        return [cls.key(field.name) for field in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], *, ignore_unrelated: bool = False) -> Self:
+        """Parse prefixed keys; with `ignore_unrelated`, keys without this prefix are skipped so
+        a trainer's whole config can be passed, but a misspelled prefixed key still raises."""
+        if not isinstance(config, Mapping):
+            raise ValueError(f"{cls.__name__} config must be a mapping of keys to values, got {config!r}")
+        field_by_key = {cls.key(field.name): field.name for field in dataclasses.fields(cls)}
+        values = {}
+        for key, value in config.items():
+            if key in field_by_key:
+                values[field_by_key[key]] = value
+                continue
+            has_prefix = isinstance(key, str) and key.startswith(cls.prefix)
+            if has_prefix or not ignore_unrelated:
+                raise ValueError(cls._unknown_key_message(key))
+        return cls(**values)
+
+    @classmethod
+    def _unknown_key_message(cls, key: object) -> str:
+        if not isinstance(key, str):
+            return f"{cls.__name__} keys are strings, got {key!r}"
+        for other in _CONFIG_CLASSES:
+            if other is not cls and key in other.keys():
+                return (
+                    f"{key!r} is a {other.__name__} key, not a {cls.__name__} key "
+                    f"({cls.__name__} keys start with {cls.prefix!r}); pass it to "
+                    f"{other.__name__}.from_dict, or use ignore_unrelated=True"
+                )
+        # Compare without the prefix: shared by every key, it would make any two keys look alike.
+        key_by_name = {valid_key.removeprefix(cls.prefix): valid_key for valid_key in cls.keys()}
+        close_names = difflib.get_close_matches(key.removeprefix(cls.prefix), key_by_name)
+        suggestions = [key_by_name[name] for name in close_names]
+        hint = (
+            f"did you mean {', '.join(repr(suggestion) for suggestion in suggestions)}?"
+            if suggestions
+            else f"valid keys: {', '.join(cls.keys())}"
+        )
+        return f"unknown {cls.__name__} key {key!r}; {hint}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field under its prefixed key; `from_dict(c.to_dict()) == c`."""
+        return {self.key(field.name): getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def schedule(self, max_train_steps: int | None = None) -> LambdaSchedule:
+        """The weight schedule these settings describe, starting from `lambda_`."""
+        return LambdaSchedule(
+            base=self.lambda_,
+            scheduler=self.scheduler,
+            warmup_steps=self.warmup_steps,
+            decay_steps=self.decay_steps,
+            lambda_end=self.lambda_end,
+            power=self.power,
+            cutoff_step=self.cutoff_step,
+            similarity_threshold=self.similarity_threshold,
+            similarity_ema_decay=self.similarity_ema_decay,
+            threshold_mode=self.threshold_mode,
+            max_train_steps=max_train_steps,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RepaConfig(_AlignmentConfig):
+    """REPA for DiT models: `crepa_*` keys. `block_index` None leaves the choice to the model."""
+
+    prefix: ClassVar[str] = "crepa_"
+
+    block_index: int | None = _field(None, ParamSpec(int, minimum=0, optional=True))
+    encoder: str = _field("dinov2_vitg14", ParamSpec(str))
+    encoder_image_size: int = _field(518, ParamSpec(int, minimum=1))
+    spatial_align: bool = _field(True, ParamSpec(bool))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class URepaConfig(_AlignmentConfig):
+    """U-REPA for UNet models: `urepa_*` keys."""
+
+    prefix: ClassVar[str] = "urepa_"
+
+    manifold_weight: float = _field(3.0, ParamSpec(float, minimum=0.0))
+    model: str = _field("dinov2_vitg14", ParamSpec(str))
+    encoder_image_size: int = _field(518, ParamSpec(int, minimum=1))
+    use_tae: bool = _field(False, ParamSpec(bool))
+
+
+_CONFIG_CLASSES: tuple[type[_AlignmentConfig], ...] = (RepaConfig, URepaConfig)

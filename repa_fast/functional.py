@@ -1,0 +1,93 @@
+"""Public loss functions (DESIGN.md §2): validate, read feature maps as tokens, plan the
+alignment, then hand the work to the backend picked for these tensors.
+
+Targets are frozen encoder features: they are detached here, on every backend, so no
+gradient ever flows into them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .alignment import AlignmentPlan, Grid, plan_alignment, resample_tokens
+from .backends import resolve_backend
+from .validation import (as_tokens, check_batch, check_eps, check_finite_if_asked, check_projector,
+                         check_same_device, check_tensor)
+
+
+def _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
+                        spatial_align, ln_eps) -> Tuple[torch.Tensor, torch.Tensor, AlignmentPlan, float]:
+    h, h_grid = as_tokens("hidden", hidden, hidden_grid)
+    t, t_grid = as_tokens("target", target, target_grid, allow_feature_map=False)
+    check_batch("hidden", hidden, "target", target)
+    check_projector(h.shape[-1], t.shape[-1], ln_weight, ln_bias, proj_weight, proj_bias)
+    check_same_device(hidden=hidden, target=target, ln_weight=ln_weight, ln_bias=ln_bias,
+                      proj_weight=proj_weight, proj_bias=proj_bias)
+    eps = check_eps(ln_eps)
+    check_finite_if_asked(hidden=hidden, target=target, ln_weight=ln_weight, ln_bias=ln_bias,
+                          proj_weight=proj_weight, proj_bias=proj_bias)
+    plan = plan_alignment(h.shape[1], t.shape[1], h_grid, t_grid, bool(spatial_align))
+    return h, t.detach(), plan, eps
+
+
+def _prepare_pair(projected, target) -> Tuple[torch.Tensor, torch.Tensor]:
+    check_tensor("projected", projected, (3,))
+    check_tensor("target", target, (3,))
+    if projected.shape != target.shape:
+        raise ValueError(f"projected and target must have the same (B, N, E) shape, got {tuple(projected.shape)} "
+                         f"and {tuple(target.shape)}; align them first with align_tokens")
+    check_same_device(projected=projected, target=target)
+    check_finite_if_asked(projected=projected, target=target)
+    return projected, target.detach()
+
+
+def repa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+              proj_weight: torch.Tensor, proj_bias: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
+              target_grid: Optional[Grid] = None, spatial_align: bool = True, ln_eps: float = 1e-5,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """REPA alignment loss: -mean cos(align(LayerNorm(hidden) @ W^T + b), align(target)).
+
+    hidden: (B, S, D) tokens or a (B, D, H, W) feature map; target: (B, N, E) encoder tokens;
+    ln_weight, ln_bias: (D,); proj_weight: (E, D); proj_bias: (E,). Returns a scalar in [-1, 1].
+    """
+    h, t, plan, eps = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias,
+                                          hidden_grid, target_grid, spatial_align, ln_eps)
+    return resolve_backend(backend, h.device).repa_loss(h, t, ln_weight, ln_bias, proj_weight, proj_bias, plan, eps)
+
+
+def urepa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+               proj_weight: torch.Tensor, proj_bias: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
+               target_grid: Optional[Grid] = None, ln_eps: float = 1e-5,
+               backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """U-REPA: (alignment loss, manifold loss) of one projection, aligned spatially as repa_loss.
+    The trainer's total is lambda * (alignment + manifold_weight * manifold)."""
+    h, t, plan, eps = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias,
+                                          hidden_grid, target_grid, True, ln_eps)
+    return resolve_backend(backend, h.device).urepa_loss(h, t, ln_weight, ln_bias, proj_weight, proj_bias, plan, eps)
+
+
+def cosine_alignment_loss(projected: torch.Tensor, target: torch.Tensor, *,
+                          backend: Optional[str] = None) -> torch.Tensor:
+    """-mean over (b, n) of cos(projected[b, n], target[b, n]); both (B, N, E)."""
+    z, t = _prepare_pair(projected, target)
+    return resolve_backend(backend, z.device).cosine_alignment_loss(z, t)
+
+
+def manifold_loss(projected: torch.Tensor, target: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """mean over (b, i, j) of (cos(z_bi, z_bj) - cos(t_bi, t_bj))^2; both (B, N, E). Never builds
+    the N x N matrices."""
+    z, t = _prepare_pair(projected, target)
+    return resolve_backend(backend, z.device).manifold_loss(z, t)
+
+
+def align_tokens(a: torch.Tensor, b: torch.Tensor, *, a_grid: Optional[Grid] = None, b_grid: Optional[Grid] = None,
+                 spatial_align: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Resample (B, Na, Ca) and (B, Nb, Cb) tokens (or (B, C, H, W) feature maps) to one token
+    count, the smaller one (DESIGN.md §1). Returns (B, N, Ca) and (B, N, Cb)."""
+    a_tokens, a_grid = as_tokens("a", a, a_grid)
+    b_tokens, b_grid = as_tokens("b", b, b_grid)
+    check_batch("a", a, "b", b)
+    check_same_device(a=a, b=b)
+    plan = plan_alignment(a_tokens.shape[1], b_tokens.shape[1], a_grid, b_grid, bool(spatial_align))
+    return resample_tokens(a_tokens, plan.a), resample_tokens(b_tokens, plan.b)

@@ -1,0 +1,150 @@
+"""nn.Modules a trainer holds: the projector and the two scheduled losses."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .alignment import Grid
+from .functional import repa_loss, urepa_loss
+from .schedule import LambdaSchedule
+from .validation import as_tokens
+
+
+class RepaProjector(nn.Sequential):
+    """LayerNorm(hidden_dim) + Linear(hidden_dim -> encoder_dim) with fp32 parameters.
+
+    An `nn.Sequential` so its state_dict keys (`0.weight`, `0.bias`, `1.weight`, `1.bias`) match
+    the `nn.Sequential(LayerNorm, Linear)` projectors trainers already checkpoint.
+    """
+
+    def __init__(self, hidden_dim: int, encoder_dim: int, *, ln_eps: float = 1e-5,
+                 device: Optional[torch.device] = None):
+        for name, value in (("hidden_dim", hidden_dim), ("encoder_dim", encoder_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        super().__init__(nn.LayerNorm(hidden_dim, eps=ln_eps, device=device, dtype=torch.float32),
+                         nn.Linear(hidden_dim, encoder_dim, device=device, dtype=torch.float32))
+
+    @property
+    def norm(self) -> nn.LayerNorm:
+        return self[0]
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self[1]
+
+    def loss_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ln_weight, ln_bias, proj_weight, proj_bias) as the functional losses take them."""
+        return self.norm.weight, self.norm.bias, self.linear.weight, self.linear.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) tokens or a (B, D, H, W) feature map -> (B, S or H*W, E) projections."""
+        tokens, _ = as_tokens("hidden", hidden, None)
+        return super().forward(tokens.to(self.linear.weight.dtype))
+
+
+def _as_schedule(schedule: Union[LambdaSchedule, float, None]) -> LambdaSchedule:
+    if schedule is None:
+        return LambdaSchedule()
+    if isinstance(schedule, LambdaSchedule):
+        return schedule
+    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+        return LambdaSchedule(base=float(schedule))
+    raise TypeError(f"schedule must be a LambdaSchedule, a number (constant lambda) or None, "
+                    f"got {type(schedule).__name__}")
+
+
+class _ScheduledAlignmentLoss(nn.Module):
+    """Shared by RepaLoss and URepaLoss: the projector, the schedule and the step counter.
+
+    `forward(..., step=None)` uses the module's own step count, advanced once per training-mode
+    call; pass the trainer's global step to follow it instead. The count and the schedule's
+    similarity EMA live in the state_dict, so a resumed run continues where it stopped.
+    """
+
+    def __init__(self, hidden_dim: int, encoder_dim: int, schedule, backend: Optional[str]):
+        super().__init__()
+        self.projector = RepaProjector(hidden_dim, encoder_dim)
+        self.schedule = _as_schedule(schedule)
+        self.backend = backend
+        self.step_count = 0
+
+    log_names: Tuple[str, ...]  # one per loss term, in the order _losses returns them
+
+    def _losses(self, hidden, target, hidden_grid, target_grid) -> Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _term_weights(self) -> Tuple[float, ...]:
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
+                target_grid: Optional[Grid] = None, step: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if step is None:
+            step = self.step_count
+        self.step_count = step + 1 if self.training else self.step_count
+        off = self.schedule.is_off(step)
+        # Past the cutoff the loss is computed only for the logs, without a graph.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not off):
+            losses = self._losses(hidden, target, hidden_grid, target_grid)
+            values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one device sync
+            similarity = -values[0]
+            weight = self.schedule.weight(step, similarity if self.training else None)
+            total = sum(w * loss for w, loss in zip(self._term_weights(), losses)) * weight
+        logs = dict(zip(self.log_names, values))
+        logs.update(similarity=similarity, weight=weight)
+        return total, logs
+
+    def get_extra_state(self):
+        return {"step_count": self.step_count, "schedule": self.schedule.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        self.step_count = int(state["step_count"])
+        self.schedule.load_state_dict(state["schedule"])
+
+
+class RepaLoss(_ScheduledAlignmentLoss):
+    """REPA for DiTs: `loss = weight(step) * L_align`; logs alignment, similarity, weight.
+
+    `schedule`: a LambdaSchedule, a number (constant lambda) or None (constant 0.5, the seed's
+    default).
+    """
+
+    log_names = ("alignment",)
+
+    def __init__(self, hidden_dim: int, encoder_dim: int, *, schedule=None, spatial_align: bool = True,
+                 backend: Optional[str] = None):
+        super().__init__(hidden_dim, encoder_dim, schedule, backend)
+        self.spatial_align = spatial_align
+
+    def _losses(self, hidden, target, hidden_grid, target_grid):
+        return (repa_loss(hidden, target, *self.projector.loss_args(), hidden_grid=hidden_grid,
+                          target_grid=target_grid, spatial_align=self.spatial_align,
+                          ln_eps=self.projector.norm.eps, backend=self.backend),)
+
+    def _term_weights(self):
+        return (1.0,)
+
+
+class URepaLoss(_ScheduledAlignmentLoss):
+    """U-REPA for UNets: `loss = weight(step) * (L_align + manifold_weight * L_manifold)`; logs
+    alignment, manifold, similarity, weight."""
+
+    log_names = ("alignment", "manifold")
+
+    def __init__(self, hidden_dim: int, encoder_dim: int, *, manifold_weight: float = 3.0, schedule=None,
+                 backend: Optional[str] = None):
+        super().__init__(hidden_dim, encoder_dim, schedule, backend)
+        if isinstance(manifold_weight, bool) or not isinstance(manifold_weight, (int, float)) \
+                or not math.isfinite(manifold_weight) or manifold_weight < 0:
+            raise ValueError(f"manifold_weight must be a number >= 0, got {manifold_weight!r}")
+        self.manifold_weight = float(manifold_weight)
+
+    def _losses(self, hidden, target, hidden_grid, target_grid):
+        return urepa_loss(hidden, target, *self.projector.loss_args(), hidden_grid=hidden_grid,
+                          target_grid=target_grid, ln_eps=self.projector.norm.eps, backend=self.backend)
+
+    def _term_weights(self):
+        return (1.0, self.manifold_weight)

@@ -1,0 +1,115 @@
+"""The torch backend: the reference semantics of DESIGN.md §1 in plain PyTorch, and the CPU
+fallback. Half-precision inputs are computed in float32 (float64 inputs in float64), as a
+trainer's fp32 projector does; gradients come back in each input's dtype.
+
+It never allocates a B x N x N tensor: the manifold loss uses the Gram form (E x E products)
+when that is cheaper, else the direct form over row chunks with its gradient computed in the
+same pass.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .alignment import AlignmentPlan, resample_tokens
+
+# Direct-form chunks hold B x rows x N fp32 values; 2**24 of them is 64 MiB.
+_CHUNK_ELEMENTS = 2 ** 24
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def use_gram_form(tokens: int, dim: int) -> bool:
+    """Direct form costs ~6 N^2 E flops with its gradient, the Gram form ~10 N E^2."""
+    return 3 * tokens > 5 * dim
+
+
+def aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan: AlignmentPlan,
+                       ln_eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """z = align(P(hidden)), t = align(target) in the compute dtype.
+
+    Resampling is linear with weights summing to one, so when it shrinks the hidden side it is
+    applied to the LayerNorm output before the GEMM (fewer rows to project); otherwise after.
+    """
+    dtype = compute_dtype(hidden, target, ln_weight, proj_weight)
+    x = F.layer_norm(hidden.to(dtype), (hidden.shape[-1],), ln_weight.to(dtype), ln_bias.to(dtype), ln_eps)
+    shrink_first = plan.a is not None and plan.a.dst_tokens < plan.a.src_tokens
+    if shrink_first:
+        x = resample_tokens(x, plan.a)
+    z = F.linear(x, proj_weight.to(dtype), proj_bias.to(dtype))
+    if not shrink_first:
+        z = resample_tokens(z, plan.a)
+    return z, resample_tokens(target.to(dtype), plan.b)
+
+
+def _cosine_of_normalized(zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+    return -(zn * tn).sum(-1).mean()
+
+
+class _DirectManifoldSum(torch.autograd.Function):
+    """sum over (b, i, j) of (zn_i . zn_j - tn_i . tn_j)^2, one chunk of rows i at a time.
+
+    The loss ends the graph, so the gradient 4 (Zn Zn^T - Tn Tn^T) Zn is accumulated in the
+    same chunk loop and backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = zn.shape
+        rows = max(1, _CHUNK_ELEMENTS // (batch * tokens))
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(zn) if want_grad else None
+        total = zn.new_zeros(())
+        for start in range(0, tokens, rows):
+            stop = min(start + rows, tokens)
+            diff = torch.baddbmm(zn[:, start:stop] @ zn.transpose(1, 2), tn[:, start:stop], tn.transpose(1, 2),
+                                 alpha=-1.0)
+            total += diff.square().sum()
+            if want_grad:
+                grad[:, start:stop] = torch.bmm(diff, zn)
+        if want_grad:
+            ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * (4.0 * grad_total), None
+
+
+def _manifold_of_normalized(zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+    batch, tokens, dim = zn.shape
+    if use_gram_form(tokens, dim):
+        # ||Zn Zn^T - Tn Tn^T||_F^2 = ||Zn^T Zn||^2 - 2 ||Zn^T Tn||^2 + ||Tn^T Tn||^2, per sample.
+        zt = zn.transpose(1, 2)
+        total = (zt @ zn).square().sum() - 2.0 * (zt @ tn).square().sum() + (tn.transpose(1, 2) @ tn).square().sum()
+    else:
+        total = _DirectManifoldSum.apply(zn, tn)
+    return total / (batch * tokens * tokens)
+
+
+def cosine_alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(projected, target)
+    return _cosine_of_normalized(F.normalize(projected.to(dtype), dim=-1), F.normalize(target.to(dtype), dim=-1))
+
+
+def manifold_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(projected, target)
+    return _manifold_of_normalized(F.normalize(projected.to(dtype), dim=-1), F.normalize(target.to(dtype), dim=-1))
+
+
+def repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan: AlignmentPlan,
+              ln_eps: float) -> torch.Tensor:
+    z, t = aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)
+    return _cosine_of_normalized(F.normalize(z, dim=-1), F.normalize(t, dim=-1))
+
+
+def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan: AlignmentPlan,
+               ln_eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    z, t = aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)
+    zn, tn = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
+    return _cosine_of_normalized(zn, tn), _manifold_of_normalized(zn, tn)

@@ -1,5 +1,2 @@
-"""Triton kernels of the `triton` backend, shipped as `repa_fast.kernels`."""
-
-
-def unavailable_reason() -> str:
-    return "the triton kernels are not written yet"
+"""Triton kernels of the `triton` backend, shipped as `repa_fast.kernels`: one file per op;
+`backend.py` is the backend module the dispatcher loads."""

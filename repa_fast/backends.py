@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-_MODULES = {"torch": "repa_fast.reference", "triton": "repa_fast.kernels", "cuda": "repa_fast.cuda_backend"}
+_MODULES = {"torch": "repa_fast.reference", "triton": "repa_fast.kernels.backend", "cuda": "repa_fast.cuda_backend"}
 _loaded: Dict[str, Tuple[Optional[ModuleType], str]] = {}
 
 
@@ -60,18 +60,26 @@ def available_backends(device: Optional[torch.device | str] = None) -> List[str]
     return [name for name in BACKENDS if not _why_not(name, device)]
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> ModuleType:
-    """`backend=None` means REPA_FAST_BACKEND if set, else auto: CUDA tensors -> triton, then
-    cuda, then torch; CPU tensors -> torch. A named backend that cannot run is an error."""
+@torch.compiler.assume_constant_result
+def _pick(backend: Optional[str], device_type: str) -> str:
+    """The backend name for these arguments. Under torch.compile it runs once at trace time (it
+    imports modules and reads the environment, which dynamo cannot trace) and its answer is
+    baked into the graph."""
     if backend is None:
         backend = os.environ.get("REPA_FAST_BACKEND", "").strip().lower() or "auto"
     if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, 'auto' or None, got {backend!r}")
+    device = torch.device(device_type)
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
-        name = next(n for n in order if not _why_not(n, device))
-        return _load(name)[0]
+        return next(n for n in order if not _why_not(n, device))
     reason = _why_not(backend, device)
     if reason:
         raise BackendUnavailableError(f"backend {backend!r} cannot run: {reason}")
-    return _load(backend)[0]
+    return backend
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> ModuleType:
+    """`backend=None` means REPA_FAST_BACKEND if set, else auto: CUDA tensors -> triton, then
+    cuda, then torch; CPU tensors -> torch. A named backend that cannot run is an error."""
+    return _loaded[_pick(backend, device.type)][0]

@@ -41,10 +41,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="repa-fast", description="Fused REPA / U-REPA losses")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends")
+    # Each command module exposes add_arguments(parser) and run(args) -> exit code, and imports
+    # its heavy dependencies (diffusers, matplotlib) only inside run.
+    from . import bench, demo
+    for name, module in (("demo", demo), ("bench", bench)):
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
-    return 0
+        return 0
+    return {"demo": demo, "bench": bench}[args.command].run(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """repa-fast: fused REPA / U-REPA losses for diffusion training (DESIGN.md §2 is the API contract)."""
 from .alignment import AlignmentPlan, plan_alignment
 from .backends import BackendUnavailableError, available_backends
+from .capture import capture_transformer_block, capture_unet_mid_block
 from .config import RepaConfig, URepaConfig
+from .encoders import VisionEncoder
 from .functional import align_tokens, cosine_alignment_loss, manifold_loss, repa_loss, urepa_loss
 from .modules import RepaLoss, RepaProjector, URepaLoss
+from .regularizers import RepaRegularizer, URepaRegularizer
 from .schedule import LambdaSchedule
 
 __version__ = "0.1.0"
@@ -12,4 +15,5 @@ __all__ = [
     "repa_loss", "urepa_loss", "cosine_alignment_loss", "manifold_loss", "align_tokens", "available_backends",
     "RepaProjector", "RepaLoss", "URepaLoss", "LambdaSchedule", "RepaConfig", "URepaConfig",
     "BackendUnavailableError", "AlignmentPlan", "plan_alignment", "__version__",
+    "VisionEncoder", "capture_unet_mid_block", "capture_transformer_block", "RepaRegularizer", "URepaRegularizer",
 ]

@@ -59,14 +59,24 @@ def test_manifold_direct_and_gram_forms_equal_the_literal_formula(tokens, dim):
     z, t = torch.randn(3, tokens, dim, dtype=F64), torch.randn(3, tokens, dim, dtype=F64)
     zn, tn = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
     direct = reference._DirectManifoldSum.apply(zn, tn) / (3 * tokens * tokens)
-    zt = zn.transpose(1, 2)
-    gram = ((zt @ zn).square().sum() - 2 * (zt @ tn).square().sum() + (tn.transpose(1, 2) @ tn).square().sum()) \
-        / (3 * tokens * tokens)
+    gram = reference.gram_manifold_sum(zn, tn) / (3 * tokens * tokens)
     literal = literal_manifold(z, t)
     assert rel_err(direct, literal) < 1e-12
-    # The Gram form cancels three large terms: near a zero loss (N = 1) only absolutely close.
+    # Near a zero loss (N = 1) the forms agree absolutely, not relatively.
     torch.testing.assert_close(gram, literal, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(rf.manifold_loss(z, t), literal, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", ["shared direction", "close rows"])
+def test_fp32_gram_form_stays_accurate_where_the_textbook_identity_cancels(case):
+    z = torch.randn(2, 2048, 64, dtype=F64)
+    if case == "shared direction":
+        direction = 4 * torch.randn(64, dtype=F64)
+        z, t = z + direction, torch.randn_like(z) + direction
+    else:
+        t = z + 0.05 * torch.randn_like(z)
+    zn, tn = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
+    assert rel_err(reference.gram_manifold_sum(zn.float(), tn.float()), literal_manifold(z, t) * 2 * 2048 ** 2) < 1e-6
 
 
 def test_cosine_alignment_loss_equals_the_literal_formula():

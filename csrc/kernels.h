@@ -1,0 +1,80 @@
+// The launchers of the cuda backend's kernels: raw pointers, sizes, element strides and a stream,
+// with no torch and no CUDA header, so the torch glue (ops.cpp) and the kernels (*.cu) compile
+// apart: the kernels with nvcc on a machine without a GPU or a CUDA torch, the glue against any
+// torch (../shared/GPU_LESS.md §3). csrc/host_launchers.cpp implements the same contract on the
+// CPU so that the glue can be run and checked without a GPU.
+//
+// Every launcher returns nullptr on success, else the CUDA error's message. Activations are float32,
+// float16 or bfloat16 (`Scalar`); statistics, weights, partial sums and gradients kept for later
+// are float32. Sizes and strides are in elements.
+#pragma once
+
+#include <cstdint>
+
+namespace repa_fast {
+
+enum class Scalar : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+using Stream = void*;        // cudaStream_t
+using Status = const char*;  // nullptr, or what went wrong
+
+// Rows of a (B, S, D) token tensor read in place: element (b, s, d) lives at b*sb + s*ss + d*sd,
+// so a (B, D, H, W) feature map's (B, H*W, D) view is read without a copy.
+struct TokenLayout {
+  int64_t batch, tokens, dim;
+  int64_t sb, ss, sd;
+};
+
+// LayerNorm of every row of x: y = (x - mean) * rstd * gamma + beta, y (B*S, D) row-major in x's
+// dtype, mean and rstd (B*S) float32.
+Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout x_layout, const float* gamma,
+                          const float* beta, float eps, void* y, float* mean, float* rstd, Stream stream);
+
+// Rows handled by one block of layer_norm_backward: the gamma/beta partial sums have
+// ceil(B*S / LAYER_NORM_ROWS) rows of D, summed (deterministically) by the caller.
+constexpr int64_t LAYER_NORM_ROWS = 32;
+
+// Backward of layer_norm_forward given grad_y (B*S, D) row-major in x's dtype: grad_x (may be null)
+// written with grad_x_layout's strides in x's dtype, and per-block partial sums of
+// grad_gamma = sum grad_y * xhat and grad_beta = sum grad_y (both null or both given).
+Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout x_layout, const void* grad_y,
+                           const float* mean, const float* rstd, const float* gamma, void* grad_x,
+                           TokenLayout grad_x_layout, float* gamma_partial, float* beta_partial, Stream stream);
+
+// out[b, r, :] = sum over j in [offsets[r], offsets[r+1]) of weight[j] * x[b, index[j], :], with
+// x (B, src_rows, C) and out (B, dst_rows, C) row-major in one dtype, float32 accumulation. The
+// token resampling of the alignment (forward: taps of each output token; backward: the transposed
+// taps of each input token) is this one gather.
+Status gather_rows(Scalar dtype, const void* x, int64_t batch, int64_t src_rows, int64_t dst_rows,
+                   int64_t channels, const int64_t* offsets, const int64_t* index, const float* weight,
+                   void* out, Stream stream);
+
+// Per row r of z and t (rows x dim, row-major): cos[r] = <z^, t^> with v^ = v / max(||v||, 1e-12),
+// and when `normalized` is given, normalized[r] = [z^_r | t^_r] (rows x 2*dim) in normalized_dtype
+// (f32, or f16 for the tensor cores: unit rows keep 3 more mantissa bits in f16 than in bf16).
+Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
+                           void* normalized, Scalar normalized_dtype, Stream stream);
+
+// Gradient w.r.t. z of  grad_align * align_scale * sum_r <z^_r, t^_r>  +  grad_manifold * <M, Z^>,
+// where M = manifold_grad (rows x dim, float32, may be null) is the manifold loss's gradient w.r.t.
+// the normalized rows; grad_align and grad_manifold are device scalars. grad_z in z's dtype.
+Status cosine_rows_backward(Scalar dtype, const void* z, const void* t, const float* manifold_grad,
+                            const float* grad_align, const float* grad_manifold, float align_scale,
+                            int64_t rows, int64_t dim, void* grad_z, Stream stream);
+
+// The direct (tiled) manifold kernel for float16 normalized rows zn, tn (B, N, E) with row
+// stride `ld`: per sample sum over (i, j) of (zn_i.zn_j - tn_i.tn_j)^2, never storing an N x N
+// matrix; with `grad` (B, N, E) float32 also grad_scale * (Zn Zn^T - Tn Tn^T) Zn. Without `grad`
+// only the tiles j >= i are computed (the matrix is symmetric). One block per (block_rows rows, b):
+// loss_partial holds B * ceil(N / block_rows) sums, summed by the caller.
+// manifold_direct_block_rows: the rows per block the kernel takes for this size on `device`, 0 when
+// the strip of differences it keeps in shared memory does not fit (use the Gram form).
+int manifold_direct_block_rows(Scalar dtype, int64_t tokens, bool with_grad, int device);
+Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld, int64_t batch, int64_t tokens,
+                       int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
+                       Stream stream);
+
+// The current stream of CUDA device `device` (cuda_stream.cpp; the host emulation returns null).
+Stream current_stream(int device);
+
+}  // namespace repa_fast

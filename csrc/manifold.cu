@@ -1,0 +1,259 @@
+// The manifold loss in its direct form, tiled, for float16 normalized rows on tensor cores (WMMA
+// 16x16x16, float32 accumulation); the rows of float16 and bfloat16 activations are normalized into
+// float16, whose 10-bit mantissa keeps the differences of nearly equal similarities 8x more exact. It never stores an N x N matrix outside one block's
+// shared memory.
+//
+// A block owns BM rows i of one sample. Phase 1 walks the column tiles j: the tile of
+// differences D_ij = zn_i.zn_j - tn_i.tn_j (BM x BN) is accumulated over the features in one
+// accumulator (the tn rows of the A operand are negated as they are loaded), its squares are summed
+// in float32, and, when the gradient is wanted, it is kept (rounded to the input dtype) in a
+// BM x N strip in shared memory. Phase 2 multiplies the strip by Zn, BN features at a time, giving
+// grad_scale * (D Zn) for the block's rows: the loss ends the graph, so its gradient is computed in
+// the forward pass. Each block writes only its own rows and one partial loss: no atomics.
+// Without the gradient only the tiles with j >= i are computed (D is symmetric: off-diagonal
+// entries count twice).
+#include <mma.h>
+
+#include "common.cuh"
+
+namespace repa_fast {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr int BK = 32;  // features per phase-1 step
+constexpr int NK = 32;  // tokens per phase-2 step
+constexpr int PAD = 8;  // elements added to each shared row: spreads rows over banks, keeps 16-byte rows
+
+__host__ __device__ constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+template <int BM>
+struct Tiles {
+  static constexpr int BN = BM == 16 ? 128 : 64;  // difference-tile columns = phase-2 output columns
+  static constexpr int FRAGS = (BM / 16) * (BN / 16) / WARPS;  // 16x16 accumulators per warp
+  static constexpr int SCRATCH_LD = BN + 4;  // floats
+  static constexpr int OP_LD = BK + PAD;     // phase-1 operands
+  static constexpr int P2_LD = BN + PAD;     // phase-2 operand
+  static constexpr int64_t SCRATCH_BYTES = round_up(int64_t(BM) * SCRATCH_LD * 4, 128);
+  static constexpr int64_t OPERAND_BYTES = round_up(
+      2 * ((2 * BM + 2 * BN) * OP_LD > NK * P2_LD ? (2 * BM + 2 * BN) * OP_LD : NK * P2_LD), 128);
+  static_assert(FRAGS >= 1 && (BM / 16) * (BN / 16) % WARPS == 0, "whole accumulators per warp");
+
+  __host__ __device__ static int64_t strip_ld(int64_t tokens) { return round_up(tokens, BN) + PAD; }
+  static int64_t smem_bytes(int64_t tokens, bool with_grad) {
+    return SCRATCH_BYTES + OPERAND_BYTES + (with_grad ? 2 * int64_t(BM) * strip_ld(tokens) : 0);
+  }
+};
+
+// dst[r][c] = src[r][c] (negated when asked) for r < rows_left, c < cols_left, else 0. With `vec`
+// (row strides and cols_left multiples of 8, 16-byte aligned rows) 16 bytes per load.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void load_tile(T* dst, int dst_ld, const T* __restrict__ src, int64_t src_ld,
+                                          int64_t rows_left, int64_t cols_left, bool vec, bool negate) {
+  static_assert(COLS % 8 == 0, "16-byte chunks");
+  if (vec) {
+    constexpr int CHUNKS = COLS / 8;
+    for (int v = threadIdx.x; v < ROWS * CHUNKS; v += THREADS) {
+      const int r = v / CHUNKS, c = (v % CHUNKS) * 8;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows_left && c < cols_left) {
+        val = *reinterpret_cast<const uint4*>(src + r * src_ld + c);
+        if (negate) {  // flip the sign bit of each 16-bit value
+          val.x ^= 0x80008000u;
+          val.y ^= 0x80008000u;
+          val.z ^= 0x80008000u;
+          val.w ^= 0x80008000u;
+        }
+      }
+      *reinterpret_cast<uint4*>(dst + r * dst_ld + c) = val;
+    }
+  } else {
+    for (int v = threadIdx.x; v < ROWS * COLS; v += THREADS) {
+      const int r = v / COLS, c = v % COLS;
+      const float val = r < rows_left && c < cols_left ? to_float(src[r * src_ld + c]) : 0.f;
+      dst[r * dst_ld + c] = from_float<T>(negate ? -val : val);
+    }
+  }
+}
+
+// zn, tn: (B, N, E) with row stride ld; loss_partial: (B, gridDim.x); grad: (B, N, E) fp32 or null.
+// Grid: (ceil(N / BM), B). Dynamic shared memory: Tiles<BM>::smem_bytes(N, grad != null).
+template <typename T, int BM>
+__global__ void __launch_bounds__(THREADS, 1)
+manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64_t ld, int64_t tokens, int64_t dim,
+                       float grad_scale, float* __restrict__ loss_partial, float* __restrict__ grad, bool vec) {
+  using S = Tiles<BM>;
+  constexpr int BN = S::BN;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+  using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+  using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float reduce_scratch[32];
+  float* scratch = reinterpret_cast<float*>(smem);
+  T* a_z = reinterpret_cast<T*>(smem + S::SCRATCH_BYTES);  // phase 1: rows i of zn, -tn; columns j of zn, tn
+  T* a_t = a_z + BM * S::OP_LD;
+  T* b_z = a_t + BM * S::OP_LD;
+  T* b_t = b_z + BN * S::OP_LD;
+  T* b_k = a_z;  // phase 2: NK tokens x BN features of zn
+  T* strip = reinterpret_cast<T*>(smem + S::SCRATCH_BYTES + S::OPERAND_BYTES);
+
+  const bool with_grad = grad != nullptr;
+  const int warp = threadIdx.x / 32;
+  const int64_t b = blockIdx.y, i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const T* z_b = zn + b * tokens * ld;
+  const T* t_b = tn + b * tokens * ld;
+  const int64_t strip_ld = S::strip_ld(tokens);
+  float loss = 0.f;
+  FragAcc acc[S::FRAGS];
+
+  // Phase 1: difference tiles, their squared sum, and the strip.
+  for (int64_t j0 = with_grad ? 0 : i0 / BN * BN; j0 < tokens; j0 += BN) {
+#pragma unroll
+    for (int f = 0; f < S::FRAGS; ++f) wmma::fill_fragment(acc[f], 0.f);
+    for (int64_t k0 = 0; k0 < dim; k0 += BK) {
+      load_tile<T, BM, BK>(a_z, S::OP_LD, z_b + i0 * ld + k0, ld, tokens - i0, dim - k0, vec, false);
+      load_tile<T, BM, BK>(a_t, S::OP_LD, t_b + i0 * ld + k0, ld, tokens - i0, dim - k0, vec, true);
+      load_tile<T, BN, BK>(b_z, S::OP_LD, z_b + j0 * ld + k0, ld, tokens - j0, dim - k0, vec, false);
+      load_tile<T, BN, BK>(b_t, S::OP_LD, t_b + j0 * ld + k0, ld, tokens - j0, dim - k0, vec, false);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+#pragma unroll
+        for (int f = 0; f < S::FRAGS; ++f) {
+          const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
+          FragA a;
+          FragBCol bcol;
+          wmma::load_matrix_sync(a, a_z + fr * 16 * S::OP_LD + kk, S::OP_LD);
+          wmma::load_matrix_sync(bcol, b_z + fc * 16 * S::OP_LD + kk, S::OP_LD);
+          wmma::mma_sync(acc[f], a, bcol, acc[f]);
+          wmma::load_matrix_sync(a, a_t + fr * 16 * S::OP_LD + kk, S::OP_LD);
+          wmma::load_matrix_sync(bcol, b_t + fc * 16 * S::OP_LD + kk, S::OP_LD);
+          wmma::mma_sync(acc[f], a, bcol, acc[f]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int f = 0; f < S::FRAGS; ++f) {
+      const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
+      wmma::store_matrix_sync(scratch + fr * 16 * S::SCRATCH_LD + fc * 16, acc[f], S::SCRATCH_LD, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
+      const int r = e / BN, c = e % BN;
+      const int64_t i = i0 + r, j = j0 + c;
+      const bool valid = i < tokens && j < tokens;
+      const float d = scratch[r * S::SCRATCH_LD + c];
+      const float weight = with_grad ? 1.f : (j > i ? 2.f : (j == i ? 1.f : 0.f));
+      if (valid) loss += weight * d * d;
+      if (with_grad) strip[r * strip_ld + j] = from_float<T>(valid ? d : 0.f);
+    }
+    __syncthreads();
+  }
+
+  // Phase 2: grad rows i = grad_scale * strip @ Zn, BN features at a time.
+  if (with_grad) {
+    const int64_t k_end = round_up(tokens, NK);
+    for (int64_t e0 = 0; e0 < dim; e0 += BN) {
+#pragma unroll
+      for (int f = 0; f < S::FRAGS; ++f) wmma::fill_fragment(acc[f], 0.f);
+      for (int64_t k0 = 0; k0 < k_end; k0 += NK) {
+        load_tile<T, NK, BN>(b_k, S::P2_LD, z_b + k0 * ld + e0, ld, tokens - k0, dim - e0, vec, false);
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < NK; kk += 16) {
+#pragma unroll
+          for (int f = 0; f < S::FRAGS; ++f) {
+            const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
+            FragA a;
+            FragBRow brow;
+            wmma::load_matrix_sync(a, strip + fr * 16 * strip_ld + k0 + kk, static_cast<unsigned>(strip_ld));
+            wmma::load_matrix_sync(brow, b_k + kk * S::P2_LD + fc * 16, S::P2_LD);
+            wmma::mma_sync(acc[f], a, brow, acc[f]);
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int f = 0; f < S::FRAGS; ++f) {
+        const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
+        wmma::store_matrix_sync(scratch + fr * 16 * S::SCRATCH_LD + fc * 16, acc[f], S::SCRATCH_LD,
+                                wmma::mem_row_major);
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
+        const int r = e / BN, c = e % BN;
+        const int64_t i = i0 + r, col = e0 + c;
+        if (i < tokens && col < dim) grad[(b * tokens + i) * dim + col] = grad_scale * scratch[r * S::SCRATCH_LD + c];
+      }
+      __syncthreads();
+    }
+  }
+
+  loss = block_sum<THREADS>(loss, reduce_scratch);
+  if (threadIdx.x == 0) loss_partial[b * gridDim.x + blockIdx.x] = loss;
+}
+
+template <typename T, int BM>
+Status launch(const T* zn, const T* tn, int64_t ld, int64_t batch, int64_t tokens, int64_t dim, float grad_scale,
+              float* loss_partial, float* grad, cudaStream_t stream) {
+  const int64_t bytes = Tiles<BM>::smem_bytes(tokens, grad != nullptr);
+  const auto kernel = manifold_direct_kernel<T, BM>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const bool vec = ld % 8 == 0 && dim % 8 == 0 && reinterpret_cast<uintptr_t>(zn) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(tn) % 16 == 0;
+  const dim3 grid(blocks_for(tokens, BM), static_cast<unsigned>(batch));
+  kernel<<<grid, THREADS, bytes, stream>>>(zn, tn, ld, tokens, dim, grad_scale, loss_partial, grad, vec);
+  return nullptr;
+}
+
+int64_t smem_bytes(int block_rows, int64_t tokens, bool with_grad) {
+  switch (block_rows) {
+    case 64: return Tiles<64>::smem_bytes(tokens, with_grad);
+    case 32: return Tiles<32>::smem_bytes(tokens, with_grad);
+    default: return Tiles<16>::smem_bytes(tokens, with_grad);
+  }
+}
+
+}  // namespace
+
+int manifold_direct_block_rows(Scalar dtype, int64_t tokens, bool with_grad, int device) {
+  int max_bytes = 0;
+  if (dtype != Scalar::f16 ||
+      cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();  // clear a failed query; the caller takes another form
+    return 0;
+  }
+  const int64_t static_bytes = 1024;  // reduce_scratch, with room to spare
+  for (int block_rows : {64, 32, 16})
+    if (smem_bytes(block_rows, tokens, with_grad) + static_bytes <= max_bytes) return block_rows;
+  return 0;
+}
+
+Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld, int64_t batch, int64_t tokens,
+                       int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
+                       Stream stream) {
+  Status status = nullptr;
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* z = static_cast<const T*>(zn);
+    const T* t = static_cast<const T*>(tn);
+    const auto s = static_cast<cudaStream_t>(stream);
+    switch (block_rows) {
+      case 64: status = launch<T, 64>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s); break;
+      case 32: status = launch<T, 32>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s); break;
+      case 16: status = launch<T, 16>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s); break;
+      default: status = "manifold_direct: block_rows must be 64, 32 or 16";
+    }
+  };
+  if (dtype != Scalar::f16) return "manifold_direct: float16 rows only";
+  run(__half{});
+  return status != nullptr ? status : launch_status();
+}
+
+}  // namespace repa_fast

@@ -1,0 +1,307 @@
+// The torch glue of the cuda backend: argument checks, allocation, the GEMMs (cuBLAS through ATen),
+// the kernel launches of kernels.h, and the registration of the ops torch.ops.repa_fast.cuda_*.
+//
+// No CUDA header here (the stream comes from cuda_stream.cpp), so this file compiles against a CPU
+// torch too: tests build it with csrc/host_launchers.cpp and REPA_FAST_DISPATCH_KEY=CPU to run the
+// whole backend on the CPU without a GPU.
+//
+// The ops are defined with TORCH_LIBRARY_FRAGMENT, not TORCH_LIBRARY: the namespace `repa_fast` is
+// shared with the Triton backend's ops and with the Python custom ops of repa_fast.cuda_backend
+// (torch.library fragments), and TORCH_LIBRARY claims a namespace for one library only. Fake
+// (meta) implementations and autograd are registered from Python (repa_fast/cuda_backend.py).
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+#ifndef REPA_FAST_DISPATCH_KEY
+#define REPA_FAST_DISPATCH_KEY CUDA
+#endif
+
+namespace repa_fast {
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+Scalar scalar_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Scalar::f32;
+    case at::kHalf: return Scalar::f16;
+    case at::kBFloat16: return Scalar::bf16;
+    default: TORCH_CHECK_TYPE(false, "repa_fast cuda backend: float32, float16 or bfloat16 tensors only, got ", t.scalar_type());
+  }
+}
+
+void check_ok(Status status, const char* kernel) {
+  TORCH_CHECK(status == nullptr, "repa_fast cuda backend: ", kernel, " failed: ", status);
+}
+
+void check_device(const Tensor& first, at::ArrayRef<Tensor> others) {
+  for (const Tensor& t : others)
+    TORCH_CHECK(t.device() == first.device(), "repa_fast cuda backend: all tensors must be on ", first.device(),
+                ", got one on ", t.device());
+}
+
+Stream stream_of(const Tensor& t) { return current_stream(t.get_device()); }
+
+TokenLayout layout_of(const Tensor& t) {
+  return {t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Half-precision products run on tensor cores in their dtype with float32 accumulation and give a
+// float32 result (torch >= 2.8's out_dtype GEMMs); float32 ones run as torch runs them (TF32 only
+// where torch's matmul precision allows it).
+Tensor matmul_f32(const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == at::kFloat) return a.dim() == 3 ? at::bmm(a, b) : at::mm(a, b);
+  if (!a.is_cuda()) return matmul_f32(a.to(at::kFloat), b.to(at::kFloat));  // host emulation: no mixed GEMM on CPU
+  return a.dim() == 3 ? at::bmm(a, b, at::kFloat) : at::mm(a, b, at::kFloat);
+}
+
+// out[b, r] = sum_j weight[j] * x[b, index[j]] over j in [offsets[r], offsets[r + 1]).
+Tensor gather(const Tensor& x, const Tensor& offsets, const Tensor& index, const Tensor& weight) {
+  TORCH_CHECK(x.dim() == 3, "repa_fast cuda backend: gather needs (B, S, C) rows, got ", x.sizes());
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong &&
+                  index.scalar_type() == at::kLong && weight.scalar_type() == at::kFloat &&
+                  index.numel() == weight.numel(),
+              "repa_fast cuda backend: taps must be int64 offsets (rows + 1), int64 index and float32 weight");
+  check_device(x, {offsets, index, weight});
+  const Tensor xc = x.contiguous(), off = offsets.contiguous(), idx = index.contiguous(), w = weight.contiguous();
+  const int64_t batch = xc.size(0), src_rows = xc.size(1), channels = xc.size(2), dst_rows = off.size(0) - 1;
+  Tensor out = at::empty({batch, dst_rows, channels}, xc.options());
+  check_ok(gather_rows(scalar_of(xc), xc.data_ptr(), batch, src_rows, dst_rows, channels, off.data_ptr<int64_t>(),
+                       idx.data_ptr<int64_t>(), w.data_ptr<float>(), out.data_ptr(), stream_of(xc)),
+           "gather_rows");
+  return out;
+}
+
+Tensor gather_if(const Tensor& x, const OptionalTensor& offsets, const OptionalTensor& index,
+                 const OptionalTensor& weight) {
+  if (!offsets.has_value()) return x;
+  TORCH_CHECK(index.has_value() && weight.has_value(), "repa_fast cuda backend: taps need offsets, index and weight");
+  return gather(x, *offsets, *index, *weight);
+}
+
+void check_projection(const char* op, const Tensor& hidden, const Tensor& ln_weight, const Tensor& proj_weight) {
+  TORCH_CHECK(hidden.dim() == 3 && hidden.numel() > 0, op, ": hidden must be non-empty (B, S, D), got ", hidden.sizes());
+  TORCH_CHECK(ln_weight.dim() == 1 && ln_weight.size(0) == hidden.size(2), op, ": ln_weight must be (D,) with D = ",
+              hidden.size(2), ", got ", ln_weight.sizes());
+  TORCH_CHECK(proj_weight.dim() == 2 && proj_weight.size(1) == hidden.size(2), op,
+              ": proj_weight must be (E, D) with D = ", hidden.size(2), ", got ", proj_weight.sizes());
+}
+
+// z = resample(LayerNorm(hidden)) @ W^T + b, float32 (the GEMM runs in hidden's dtype, float32
+// accumulation; the bias is added in float32: rounding it would shift every row the same way);
+// also returns the GEMM's input y (B, N, D) in hidden's dtype and the LayerNorm statistics (B*S,)
+// for the backward. Resampling is linear with weights summing to one, so it is applied before the
+// GEMM (fewer rows).
+std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(const Tensor& hidden, const Tensor& ln_weight,
+                                                              const Tensor& ln_bias, const Tensor& proj_weight,
+                                                              const Tensor& proj_bias, const OptionalTensor& taps_offsets,
+                                                              const OptionalTensor& taps_index,
+                                                              const OptionalTensor& taps_weight, double ln_eps) {
+  check_projection("cuda_projection_forward", hidden, ln_weight, proj_weight);
+  TORCH_CHECK(ln_bias.numel() == hidden.size(2) && proj_bias.numel() == proj_weight.size(0),
+              "cuda_projection_forward: ln_bias must be (D,) and proj_bias (E,)");
+  check_device(hidden, {ln_weight, ln_bias, proj_weight, proj_bias});
+  const c10::DeviceGuard guard(hidden.device());
+  const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
+  const auto dtype = hidden.scalar_type();
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const Tensor gamma = ln_weight.to(at::kFloat).contiguous(), beta = ln_bias.to(at::kFloat).contiguous();
+  Tensor y = at::empty({batch, tokens, dim}, hidden.options());
+  Tensor mean = at::empty({batch * tokens}, f32), rstd = at::empty({batch * tokens}, f32);
+  check_ok(layer_norm_forward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), gamma.data_ptr<float>(),
+                              beta.data_ptr<float>(), static_cast<float>(ln_eps), y.data_ptr(), mean.data_ptr<float>(),
+                              rstd.data_ptr<float>(), stream_of(hidden)),
+           "layer_norm_forward");
+  y = gather_if(y, taps_offsets, taps_index, taps_weight);
+  const int64_t rows = y.size(1);
+  Tensor z = matmul_f32(y.view({batch * rows, dim}), proj_weight.to(dtype).t()).add_(proj_bias.to(at::kFloat));
+  return {z.view({batch, rows, out_dim}), y, mean, rstd};
+}
+
+// Gradients of projection_forward's z for the inputs flagged in `needs` (hidden, ln_weight, ln_bias,
+// proj_weight, proj_bias), undefined for the others. hidden's comes in its dtype and, when it is
+// dense, its strides; the parameters' come in float32 (the caller casts). The taps are the
+// transposed (scatter) taps of the forward's resampling.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
+    const Tensor& grad_z, const Tensor& hidden, const Tensor& ln_weight, const Tensor& proj_weight, const Tensor& y,
+    const Tensor& mean, const Tensor& rstd, const OptionalTensor& taps_offsets, const OptionalTensor& taps_index,
+    const OptionalTensor& taps_weight, std::array<bool, 5> needs) {
+  check_projection("cuda_projection_backward", hidden, ln_weight, proj_weight);
+  check_device(hidden, {grad_z, ln_weight, proj_weight, y, mean, rstd});
+  const c10::DeviceGuard guard(hidden.device());
+  const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
+  const int64_t rows = y.size(1);
+  TORCH_CHECK(y.sizes() == at::IntArrayRef({batch, rows, dim}) && grad_z.sizes() == at::IntArrayRef({batch, rows, out_dim}) &&
+                  mean.numel() == batch * tokens && rstd.numel() == batch * tokens,
+              "cuda_projection_backward: grad_z, y, mean and rstd do not match the forward's shapes");
+  const auto dtype = hidden.scalar_type();
+  const Tensor gz = grad_z.to(dtype).contiguous().view({batch * rows, out_dim});
+  Tensor g_hidden, g_gamma, g_beta, g_weight, g_bias;
+  if (needs[3]) g_weight = matmul_f32(gz.t(), y.reshape({batch * rows, dim}));
+  if (needs[4]) g_bias = at::sum(gz, {0}, false, at::kFloat);
+  if (needs[0] || needs[1] || needs[2]) {
+    Tensor g_y = at::mm(gz, proj_weight.to(dtype)).view({batch, rows, dim});
+    g_y = gather_if(g_y, taps_offsets, taps_index, taps_weight).contiguous();
+    TORCH_CHECK(g_y.size(1) == tokens, "cuda_projection_backward: the taps map ", rows, " rows to ", g_y.size(1),
+                ", expected ", tokens);
+    const Tensor gamma = ln_weight.to(at::kFloat).contiguous();
+    const bool params = needs[1] || needs[2];
+    const int64_t blocks = (batch * tokens + LAYER_NORM_ROWS - 1) / LAYER_NORM_ROWS;
+    const auto f32 = hidden.options().dtype(at::kFloat);
+    const Tensor gamma_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
+    const Tensor beta_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
+    if (needs[0]) g_hidden = at::empty_like(hidden);  // hidden's strides when it is dense, else contiguous
+    check_ok(layer_norm_backward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), g_y.data_ptr(),
+                                 mean.contiguous().data_ptr<float>(), rstd.contiguous().data_ptr<float>(),
+                                 gamma.data_ptr<float>(), needs[0] ? g_hidden.data_ptr() : nullptr,
+                                 layout_of(needs[0] ? g_hidden : hidden),
+                                 params ? gamma_partial.data_ptr<float>() : nullptr,
+                                 params ? beta_partial.data_ptr<float>() : nullptr, stream_of(hidden)),
+             "layer_norm_backward");
+    if (needs[1]) g_gamma = gamma_partial.sum(0);
+    if (needs[2]) g_beta = beta_partial.sum(0);
+  }
+  return {g_hidden, g_gamma, g_beta, g_weight, g_bias};
+}
+
+Tensor gather_rows_op(const Tensor& x, const Tensor& offsets, const Tensor& index, const Tensor& weight) {
+  const c10::DeviceGuard guard(x.device());
+  return gather(x, offsets, index, weight);
+}
+
+// The manifold loss of normalized rows [zn | tn] (B, N, 2E), float16 or float32, and, when asked,
+// its gradient w.r.t. zn: (4 / (B N^2)) (Zn Zn^T - Tn Tn^T) Zn, float32 (else an empty (0, N, E)).
+// Three ways, none storing B x N x N: the Gram form (||Zn^T Zn||^2 - 2 ||Zn^T Tn||^2 + ||Tn^T Tn||^2
+// through cuBLAS) when the caller prefers it (it is cheaper for N > 5E/3, but cancels when the rows
+// are aligned); else the direct form, in the tiled kernel (float16 rows, on tensor cores) when its
+// strip fits in shared memory, else in chunks of rows through cuBLAS (float32 rows: exact float32,
+// TF32 only where torch allows it).
+std::tuple<Tensor, Tensor> manifold_terms(const Tensor& normalized, bool gram, bool need_grad) {
+  const int64_t batch = normalized.size(0), tokens = normalized.size(1), dim = normalized.size(2) / 2;
+  const double count = static_cast<double>(batch) * tokens * tokens;
+  const auto f32 = normalized.options().dtype(at::kFloat);
+  const Tensor zn = normalized.narrow(2, 0, dim), tn = normalized.narrow(2, dim, dim);
+  const auto squared = [](const Tensor& m) { return at::linalg_vector_norm(m).square(); };
+  const Tensor no_grad = at::empty({0, tokens, dim}, f32);
+  if (gram) {
+    const Tensor cross = matmul_f32(zn.transpose(1, 2), normalized);  // (B, E, 2E) = [Zn^T Zn | Zn^T Tn]
+    const Tensor zz = cross.narrow(2, 0, dim), zt = cross.narrow(2, dim, dim);
+    Tensor loss = (squared(zz) - 2.0 * squared(zt) + squared(matmul_f32(tn.transpose(1, 2), tn))) / count;
+    if (!need_grad) return {loss, no_grad};
+    // (Zn Zn^T - Tn Tn^T) Zn = [Zn | Tn] @ [Zn^T Zn ; -(Zn^T Tn)^T]
+    const Tensor rhs = at::cat({zz, zt.transpose(1, 2).neg()}, 1).mul_(4.0 / count).to(normalized.scalar_type());
+    return {loss, matmul_f32(normalized, rhs)};
+  }
+  const int block_rows = manifold_direct_block_rows(scalar_of(normalized), tokens, need_grad, normalized.get_device());
+  if (block_rows > 0) {
+    Tensor partial = at::empty({batch * ((tokens + block_rows - 1) / block_rows)}, f32);
+    Tensor grad = need_grad ? at::empty({batch, tokens, dim}, f32) : no_grad;
+    const char* rows = static_cast<const char*>(normalized.data_ptr());
+    check_ok(manifold_direct(scalar_of(normalized), rows, rows + dim * normalized.element_size(), 2 * dim, batch,
+                             tokens, dim, static_cast<float>(4.0 / count), partial.data_ptr<float>(),
+                             need_grad ? grad.data_ptr<float>() : nullptr, block_rows, stream_of(normalized)),
+             "manifold_direct");
+    return {partial.sum() / count, grad};
+  }
+  // Chunks of rows i: (B, rows, N) float32 differences, at most 2^24 values (64 MiB) at a time.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / (batch * tokens));
+  Tensor total = at::zeros({}, f32);
+  Tensor grad = need_grad ? at::empty({batch, tokens, dim}, f32) : no_grad;
+  for (int64_t start = 0; start < tokens; start += chunk) {
+    const int64_t length = std::min(chunk, tokens - start);
+    const Tensor diff = matmul_f32(zn.narrow(1, start, length), zn.transpose(1, 2))
+                            .sub_(matmul_f32(tn.narrow(1, start, length), tn.transpose(1, 2)));
+    total.add_(squared(diff));
+    if (need_grad)
+      grad.narrow(1, start, length).copy_(matmul_f32(diff.mul_(4.0 / count).to(normalized.scalar_type()), zn));
+  }
+  return {total / count, grad};
+}
+
+// (alignment, manifold, manifold_grad): alignment = -mean cos(z, t) per row; the manifold loss and
+// its gradient w.r.t. the normalized rows when `manifold` (else 0 and an empty (0, N, E) tensor;
+// the gradient is also empty without `need_grad`). The manifold's rows are normalized into float16
+// for the tensor cores when `half_precision` (half-precision activations), else float32. Losses are
+// float32 scalars. t is cast to z's dtype.
+std::tuple<Tensor, Tensor, Tensor> alignment_terms(const Tensor& z, const Tensor& t, bool manifold, bool gram,
+                                                   bool need_grad, bool half_precision) {
+  TORCH_CHECK(z.dim() == 3 && z.numel() > 0 && t.sizes() == z.sizes(),
+              "cuda_alignment_terms: z and t must be non-empty (B, N, E) of one shape, got ", z.sizes(), " and ",
+              t.sizes());
+  check_device(z, {t});
+  const c10::DeviceGuard guard(z.device());
+  const Tensor zc = z.contiguous(), tc = t.to(z.scalar_type()).contiguous();
+  const int64_t batch = z.size(0), tokens = z.size(1), dim = z.size(2), rows = batch * tokens;
+  const auto f32 = z.options().dtype(at::kFloat);
+  const auto normalized_dtype = half_precision ? at::kHalf : at::kFloat;
+  Tensor cos = at::empty({rows}, f32);
+  Tensor normalized = manifold ? at::empty({batch, tokens, 2 * dim}, z.options().dtype(normalized_dtype)) : Tensor();
+  check_ok(cosine_rows_forward(scalar_of(zc), zc.data_ptr(), tc.data_ptr(), rows, dim, cos.data_ptr<float>(),
+                               manifold ? normalized.data_ptr() : nullptr, half_precision ? Scalar::f16 : Scalar::f32,
+                               stream_of(zc)),
+           "cosine_rows_forward");
+  Tensor align = cos.mean().neg();
+  if (!manifold) return {align, at::zeros({}, f32), at::empty({0, tokens, dim}, f32)};
+  auto [loss, grad] = manifold_terms(normalized, gram, need_grad);
+  return {align, loss, grad};
+}
+
+// Gradient w.r.t. z of grad_align * alignment + grad_manifold * manifold (through the row
+// normalization), in z's dtype. manifold_grad is alignment_terms' third output.
+Tensor alignment_terms_backward(const Tensor& z, const Tensor& t, const Tensor& manifold_grad,
+                                const Tensor& grad_align, const Tensor& grad_manifold) {
+  TORCH_CHECK(z.dim() == 3 && z.numel() > 0 && t.sizes() == z.sizes(),
+              "cuda_alignment_terms_backward: z and t must be non-empty (B, N, E) of one shape");
+  const bool has_manifold = manifold_grad.numel() > 0;
+  TORCH_CHECK(!has_manifold || (manifold_grad.sizes() == z.sizes() && manifold_grad.scalar_type() == at::kFloat),
+              "cuda_alignment_terms_backward: manifold_grad must be float32 ", z.sizes(), " or empty");
+  TORCH_CHECK(grad_align.numel() == 1 && grad_manifold.numel() == 1,
+              "cuda_alignment_terms_backward: grad_align and grad_manifold must be scalars");
+  check_device(z, {t, manifold_grad, grad_align, grad_manifold});
+  const c10::DeviceGuard guard(z.device());
+  const Tensor zc = z.contiguous(), tc = t.to(z.scalar_type()).contiguous();
+  const Tensor mg = manifold_grad.contiguous();
+  const Tensor ga = grad_align.to(at::kFloat).contiguous(), gm = grad_manifold.to(at::kFloat).contiguous();
+  const int64_t rows = z.size(0) * z.size(1), dim = z.size(2);
+  Tensor grad_z = at::empty_like(zc);
+  check_ok(cosine_rows_backward(scalar_of(zc), zc.data_ptr(), tc.data_ptr(), has_manifold ? mg.data_ptr<float>() : nullptr,
+                                ga.data_ptr<float>(), gm.data_ptr<float>(), static_cast<float>(-1.0 / rows), rows, dim,
+                                grad_z.data_ptr(), stream_of(zc)),
+           "cosine_rows_backward");
+  return grad_z;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(repa_fast, m) {
+  m.def("cuda_projection_forward(Tensor hidden, Tensor ln_weight, Tensor ln_bias, Tensor proj_weight, "
+        "Tensor proj_bias, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, float ln_eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_projection_backward(Tensor grad_z, Tensor hidden, Tensor ln_weight, Tensor proj_weight, Tensor y, "
+        "Tensor mean, Tensor rstd, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, bool[5] needs) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_gather_rows(Tensor x, Tensor offsets, Tensor index, Tensor weight) -> Tensor");
+  m.def("cuda_alignment_terms(Tensor z, Tensor t, bool manifold, bool gram, bool need_grad, bool half_precision) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("cuda_alignment_terms_backward(Tensor z, Tensor t, Tensor manifold_grad, Tensor grad_align, "
+        "Tensor grad_manifold) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(repa_fast, REPA_FAST_DISPATCH_KEY, m) {
+  m.impl("cuda_projection_forward", &projection_forward);
+  m.impl("cuda_projection_backward", &projection_backward);
+  m.impl("cuda_gather_rows", &gather_rows_op);
+  m.impl("cuda_alignment_terms", &alignment_terms);
+  m.impl("cuda_alignment_terms_backward", &alignment_terms_backward);
+}
+
+}  // namespace repa_fast

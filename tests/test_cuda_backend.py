@@ -1,0 +1,208 @@
+"""The cuda backend against the float64 reference (DESIGN.md §4), every loss and every gradient.
+
+Two devices run the same tests:
+- "cuda" (@pytest.mark.gpu, run by benchmarks/gpu_check.sh): the compiled extension on a GPU;
+- "host" (CPU machines): csrc/ops.cpp built for the CPU with csrc/host_launchers.cpp standing in
+  for the kernels, so the glue (GEMMs, strides, taps, dtype handling), the op registration, the
+  Python custom ops, autograd and torch.compile are exercised here; the kernels' own numerics need
+  the GPU run.
+"""
+import pytest
+import torch
+
+import repa_fast as rf
+from repa_fast import backends, cuda_backend
+from repa_fast.alignment import Resample, resample_tokens
+from parity import (PROJECTION_ARGS, assert_matches_reference, literal_manifold, projection_inputs,
+                    rel_err)
+
+HOST_SKIP = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels instead")
+
+
+def build_host_emulation() -> str:
+    """csrc/ops.cpp with CPU launchers, as a torch library (cached by torch like any JIT build)."""
+    from torch.utils import cpp_extension
+    build = cuda_backend._build_description()
+    return cpp_extension.load(name="repa_fast_host_emulation",
+                              sources=[str(build.CSRC / s) for s in build.HOST_EMULATION_SOURCES],
+                              extra_cflags=["-O1", "-DREPA_FAST_DISPATCH_KEY=CPU"], is_python_module=False)
+
+
+@pytest.fixture(scope="module", params=[pytest.param("cuda", marks=pytest.mark.gpu),
+                                        pytest.param("cpu", id="host", marks=HOST_SKIP)])
+def device(request):
+    if request.param == "cuda":
+        reason = cuda_backend.unavailable_reason()
+        assert not reason, f"the cuda backend must run on this GPU machine: {reason}"
+        yield "cuda"
+        return
+    cuda_backend.load_library(build_host_emulation())
+    original = backends._why_not
+    with pytest.MonkeyPatch.context() as patch:  # let backend="cuda" take CPU tensors
+        patch.setattr(backends, "_why_not", lambda name, dev: "" if name == "cuda" else original(name, dev))
+        patch.setitem(backends._loaded, "cuda", (cuda_backend, ""))
+        yield "cpu"
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def csr_gather(x, offsets, index, weight):
+    """What the gather_rows kernel computes, in torch."""
+    rows = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+    out = x.new_zeros(x.shape[0], len(offsets) - 1, x.shape[2])
+    return out.index_add_(1, rows, x[:, index] * weight[:, None].to(x.dtype))
+
+
+@pytest.mark.parametrize("step", [Resample("linear", (50,), (37,)), Resample("bilinear", (8, 8), (6, 6)),
+                                  Resample("bilinear", (16, 4), (8, 8)), Resample("bilinear", (37, 37), (32, 32)),
+                                  Resample("mean", (20,), (1,))], ids=str)
+def test_taps_are_the_resampling_and_their_transpose_its_adjoint(step):
+    """Forward taps gather what F.interpolate computes; transposed taps gather its gradient."""
+    code, cpu = cuda_backend._encode(step), torch.device("cpu")
+    x = torch.randn(2, step.src_tokens, 3, dtype=torch.float64, requires_grad=True)
+    expected = resample_tokens(x, step)
+    assert rel_err(csr_gather(x.detach(), *cuda_backend._taps(code, cpu, False)), expected) < 1e-7
+    grad_out = torch.randn_like(expected)
+    (adjoint,) = torch.autograd.grad(expected, x, grad_out)
+    assert rel_err(csr_gather(grad_out, *cuda_backend._taps(code, cpu, True)), adjoint) < 1e-7
+
+# (batch, hidden tokens or (h, w) of a feature map, D, target tokens, E, keyword arguments)
+PROJECTION_CASES = {
+    "same-count": (2, 37, 50, 37, 13, {}),
+    "single-token": (3, 1, 17, 1, 9, {}),
+    "linear": (2, 50, 24, 37, 20, {}),
+    "bilinear-hidden": (2, 64, 40, 36, 24, {}),
+    "bilinear-target": (2, 25, 16, 49, 24, {}),
+    "regrid-same-count": (1, 64, 20, 64, 12, {"hidden_grid": (16, 4), "target_grid": (8, 8)}),
+    "feature-map": (2, (6, 5), 24, 30, 18, {}),
+    "feature-map-bilinear": (2, (8, 8), 24, 36, 40, {}),
+}
+
+
+def shared_direction(dim, device):
+    """Added to both sides so that cosines are O(1): with unrelated random sides the losses are
+    near 0 and a relative error of the half-precision paths says nothing."""
+    return 2.0 * torch.randn(dim, device=device)
+
+
+def make_inputs(case, dtype, device, param_dtype=torch.float32):
+    batch, tokens, dim, target_tokens, out_dim, kwargs = PROJECTION_CASES[case]
+    inputs = projection_inputs(batch, tokens, dim, target_tokens, out_dim, dtype=dtype, param_dtype=param_dtype,
+                               device=device, feature_map=isinstance(tokens, tuple))
+    direction = shared_direction(out_dim, device)
+    inputs["proj_bias"] = direction.to(param_dtype)
+    inputs["target"] = (inputs["target"].float() + direction).to(dtype)
+    return inputs, kwargs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PROJECTION_CASES)
+def test_repa_loss(device, case, dtype):
+    inputs, kwargs = make_inputs(case, dtype, device)
+    assert_matches_reference(rf.repa_loss, inputs, backend="cuda", **kwargs)
+
+
+def test_repa_loss_mean_pooled(device):
+    inputs = projection_inputs(2, 20, 24, 13, 16, device=device)
+    inputs["target"] += inputs["proj_bias"] * 20.0
+    assert_matches_reference(rf.repa_loss, inputs, backend="cuda", spatial_align=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["same-count", "bilinear-hidden", "bilinear-target", "feature-map-bilinear"])
+def test_urepa_loss(device, case, dtype):
+    inputs, kwargs = make_inputs(case, dtype, device)
+    assert_matches_reference(rf.urepa_loss, inputs, backend="cuda", **kwargs)
+
+
+def test_half_precision_parameters(device):
+    inputs, kwargs = make_inputs("bilinear-hidden", torch.bfloat16, device, param_dtype=torch.bfloat16)
+    assert_matches_reference(rf.urepa_loss, inputs, backend="cuda", **kwargs)
+
+
+# (batch, tokens, features). Direct manifold form (3 N <= 5 E): the tiled kernel for half-precision
+# rows, chunked GEMMs for float32 ones; rows share a direction, as real features do. Gram form
+# (3 N > 5 E): independent rows, since the Gram identity cancels when rows are aligned (in the
+# torch backend too).
+DIRECT_SHAPES = [(2, 37, 50), (2, 150, 130)]
+if torch.cuda.is_available():
+    DIRECT_SHAPES += [(2, 200, 136), (1, 1100, 1024)]  # several row blocks and column tiles; a wide strip
+GRAM_SHAPES = [(3, 129, 13), (3, 60, 13)]
+
+
+def pair_inputs(shape, dtype, device, shared=True):
+    direction = shared_direction(shape[-1], device) if shared else torch.zeros(shape[-1], device=device)
+    return {name: (torch.randn(*shape, device=device) + direction).to(dtype) for name in ("projected", "target")}
+
+
+# float16 gradients of a mean over N^2 pairs underflow past N ~ 100 (in every backend): small N only.
+MANIFOLD_CASES = [(shape, dtype) for shape in DIRECT_SHAPES + GRAM_SHAPES[:1] for dtype in DTYPES]
+MANIFOLD_CASES += [((2, 37, 50), torch.float16), ((3, 60, 13), torch.float16)]
+
+
+@pytest.mark.parametrize("shape, dtype", MANIFOLD_CASES, ids=str)
+def test_manifold_loss(device, shape, dtype):
+    inputs = pair_inputs(shape, dtype, device, shared=shape not in GRAM_SHAPES)
+    assert_matches_reference(rf.manifold_loss, inputs, backend="cuda", grad_names=("projected",))
+
+
+def test_manifold_loss_of_one_token_is_zero(device):
+    projected = torch.randn(2, 1, 9, device=device, requires_grad=True)
+    value = rf.manifold_loss(projected, torch.randn(2, 1, 9, device=device), backend="cuda")
+    value.backward()
+    assert abs(value.item()) < 1e-6 and torch.isfinite(projected.grad).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 50), (3, 129, 13), (1, 1, 7)], ids=str)
+def test_cosine_alignment_loss(device, shape, dtype):
+    assert_matches_reference(rf.cosine_alignment_loss, pair_inputs(shape, dtype, device), backend="cuda",
+                             grad_names=("projected",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+def test_manifold_loss_without_gradient_counts_each_pair_once(device, dtype):
+    """No gradient wanted: the kernel computes only the tiles j >= i and doubles them."""
+    inputs = pair_inputs((2, 150, 130), dtype, device)
+    with torch.no_grad():
+        value = rf.manifold_loss(**inputs, backend="cuda")
+    expected = literal_manifold(inputs["projected"].double(), inputs["target"].double())
+    assert rel_err(value, expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_zero_rows_give_finite_losses_and_gradients(device):
+    inputs = pair_inputs((2, 37, 50), torch.float32, device)
+    inputs["projected"][0, :3] = 0.0
+    assert_matches_reference(rf.manifold_loss, inputs, backend="cuda", grad_names=("projected",))
+    assert_matches_reference(rf.cosine_alignment_loss, inputs, backend="cuda", grad_names=("projected",))
+
+
+def test_float64_goes_to_the_reference(device):
+    inputs, kwargs = make_inputs("bilinear-hidden", torch.float64, device, param_dtype=torch.float64)
+    assert_matches_reference(rf.urepa_loss, inputs, backend="cuda", **kwargs)
+
+
+def test_results_are_deterministic(device):
+    inputs, kwargs = make_inputs("feature-map-bilinear", torch.bfloat16, device)
+    first, second = (torch.autograd.grad(sum(rf.urepa_loss(**leaves, backend="cuda", **kwargs)),
+                                         [leaves[n] for n in PROJECTION_ARGS])
+                     for leaves in ({k: v.clone().requires_grad_(k in PROJECTION_ARGS) for k, v in inputs.items()}
+                                    for _ in range(2)))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_compile_fullgraph(device, dtype):
+    inputs, kwargs = make_inputs("feature-map-bilinear", dtype, device)
+    compiled = torch.compile(lambda **kw: rf.urepa_loss(**kw, backend="cuda", **kwargs), fullgraph=True)
+
+    def run(fn):
+        leaves = {k: v.clone().requires_grad_(k in PROJECTION_ARGS) for k, v in inputs.items()}
+        align, manifold = fn(**leaves)
+        grads = torch.autograd.grad(align + 3.0 * manifold, [leaves[n] for n in PROJECTION_ARGS])
+        return (align, manifold, *grads)
+
+    eager = run(lambda **kw: rf.urepa_loss(**kw, backend="cuda", **kwargs))
+    for got, want in zip(run(compiled), eager):
+        assert got.dtype == want.dtype and rel_err(got, want) <= 1e-6

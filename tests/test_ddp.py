@@ -1,0 +1,130 @@
+"""Two CPU processes (gloo) under DistributedDataParallel get the gradients of one process on the
+whole batch, for the model and the projector, with U-REPA on a UNet and REPA on a DiT.
+
+The setup the README recommends: the model and the regularizer are wrapped separately
+(`accelerator.prepare(model, regularizer, optimizer)` does the same). The losses are means
+over the batch and DDP averages the ranks' gradients, so equal shards give the full-batch
+gradient. Past the schedule's cutoff the regularizer returns None and its DDP wrapper simply
+sees no backward, which DDP allows; the test runs such steps too.
+"""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import repa_fast as rf  # noqa: E402
+from test_capture import tiny_pixart, tiny_unet2d  # noqa: E402
+from test_encoders import tiny_dinov2  # noqa: E402
+
+WORLD = 2
+BATCH = 4  # two per rank
+CONFIGS = {
+    "urepa": {"urepa_enabled": True, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0, "urepa_cutoff_step": 1},
+    "repa": {"crepa_enabled": True, "crepa_block_index": 1, "crepa_lambda": 0.5, "crepa_cutoff_step": 1},
+}
+
+
+def build(kind):
+    """Model, regularizer and a full batch, identical in every process."""
+    torch.manual_seed(1234)
+    model, inputs, *_ = tiny_unet2d() if kind == "urepa" else tiny_pixart()
+    encoder = rf.VisionEncoder(tiny_dinov2(), image_size=28)
+    cls = rf.URepaRegularizer if kind == "urepa" else rf.RepaRegularizer
+    reg = cls.from_config(CONFIGS[kind], model, encoder=encoder)
+    generator = torch.Generator().manual_seed(99)
+    sample_key = "sample" if kind == "urepa" else "hidden_states"
+    sample = inputs[sample_key]
+    inputs[sample_key] = torch.randn(BATCH, *sample.shape[1:], generator=generator)
+    inputs["timestep"] = torch.randint(0, 1000, (BATCH,), generator=generator)
+    if kind == "repa":
+        inputs["encoder_hidden_states"] = torch.randn(BATCH, 5, 12, generator=generator)
+    target = torch.randn(BATCH, *sample.shape[1:], generator=generator)
+    pixels = torch.rand(BATCH, 3, 28, 28, generator=generator)
+    return model, reg, inputs, target, pixels
+
+
+def shard(value, rank, world):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == BATCH:
+        per = BATCH // world
+        return value[rank * per:(rank + 1) * per]
+    return value
+
+
+def train_step(model, reg, capture_owner, inputs, target, pixels, step):
+    """One step: diffusion MSE plus the regularizer; returns whether the regularizer contributed."""
+    with capture_owner.capture() as cap:
+        out = model(**inputs).sample
+    loss = F.mse_loss(out[:, :target.shape[1]], target)
+    reg_loss, logs = reg(cap.output, pixels=pixels, hidden_grid=cap.grid, step=step)
+    if reg_loss is not None:
+        loss = loss + reg_loss
+    loss.backward()
+    return reg_loss is not None
+
+
+def gradients(model, reg):
+    grads = {f"model.{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"projector.{n}": p.grad.clone() for n, p in reg.named_parameters()})
+    return grads
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for kind in CONFIGS:
+            model, reg, inputs, target, pixels = build(kind)
+            ddp_model, ddp_reg = DDP(model), DDP(reg)
+            inputs = {name: shard(value, rank, world) for name, value in inputs.items()}
+            target, pixels = shard(target, rank, world), shard(pixels, rank, world)
+            assert train_step(ddp_model, ddp_reg, reg, inputs, target, pixels, step=0)
+            torch.save(gradients(model, reg), os.path.join(out_dir, f"{kind}_rank{rank}.pt"))
+            for step in (1, 2):  # past the cutoff: regularizer loss None, model still trained
+                model.zero_grad()
+                assert not train_step(ddp_model, ddp_reg, reg, inputs, target, pixels, step=step)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_same_gradients(got, want, label):
+    """Each gradient within 1e-5 of its norm; gradients that are 0 in exact arithmetic (an
+    attention key bias) are rounding noise, judged against the largest gradient instead."""
+    assert got.keys() == want.keys(), label
+    largest = max(grad.norm() for grad in want.values())
+    for name, grad in want.items():
+        error = (got[name] - grad).norm()
+        assert error <= 1e-5 * grad.norm() + 1e-7 * largest, (label, name, error.item(), grad.norm().item())
+
+
+def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
+    context = mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP workers did not finish within 240 s")
+    for kind in CONFIGS:
+        model, reg, inputs, target, pixels = build(kind)
+        assert train_step(model, reg, reg, inputs, target, pixels, step=0)
+        want = gradients(model, reg)
+        assert any(name.startswith("projector.") for name in want) and len(want) > 10
+        for rank in range(WORLD):
+            assert_same_gradients(torch.load(tmp_path / f"{kind}_rank{rank}.pt"), want, (kind, rank))

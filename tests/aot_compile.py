@@ -4,7 +4,8 @@ no GPU (../shared/GPU_LESS.md §2), and report what the GPU would get: registers
 
 Each kernel module in repa_fast.kernels exposes `aot_specs()`, yielding dicts with keys
 name, fn, signature, constexprs, num_warps, num_stages, tensor_cores (True when the kernel's
-tl.dot must become wgmma/mma). Run as a script — triton.compile needs triton imported without
+tl.dot must become wgmma/mma) and optionally attrs (the divisibility hints the JIT derives from
+aligned, contiguous arguments, so the variant compiled is the one a GPU runs). Run as a script — triton.compile needs triton imported without
 the interpreter — it prints one JSON object per spec and target.
 """
 import importlib
@@ -28,7 +29,8 @@ def compile_spec(spec, cc):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
+    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
+                    attrs=spec.get("attrs"))
     kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
     ptx = kernel.asm["ptx"]

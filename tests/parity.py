@@ -126,7 +126,8 @@ def assert_matches_reference(fn: Callable, inputs: Dict[str, torch.Tensor], *, b
 
 class LargestAllocation(TorchDispatchMode):
     """Records the largest tensor (in elements) any op produces while active: every allocation
-    torch can see, the autograd engine's included."""
+    torch can see, the autograd engine's included (not the Triton interpreter's uint8 copies of
+    kernel arguments)."""
 
     def __init__(self):
         super().__init__()
@@ -135,6 +136,7 @@ class LargestAllocation(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
+            # uint8 tensors are the Triton interpreter's byte copies of kernel arguments, not data.
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8:
                 self.numel = max(self.numel, t.numel())
         return out

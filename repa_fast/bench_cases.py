@@ -1,0 +1,258 @@
+"""The benchmark case table, shared by `repa-fast bench` and the pytest-benchmark suite in
+benchmarks/: what is measured (one forward + backward of a loss), on which shapes, and the
+unavoidable GEMM work of each case (the floor).
+
+Shapes are named after real models. Hidden states: SD1.5 512px and SDXL 1024px UNet mid blocks
+(1280 channels on 8x8 and 32x32: SDXL's latent is 128x128, downsampled twice; the seed page says
+16x16, DESIGN.md §5 uses 32x32, and 32x32 is what the SDXL UNet produces), Flux 1024px (64x64
+tokens x 3072), SD3-medium 512px (32x32 tokens x 1536) and SiT-XL/2 256px (16x16 tokens x 1152).
+Targets: DINOv2 ViT-S/B/L/G (384/768/1024/1536 wide) at 224px (16x16 patch tokens) and 518px
+(37x37). The `design` preset is DESIGN.md §5's table, case for case.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import functional as rf
+from .alignment import plan_alignment
+from .backends import available_backends
+
+COMPILED = "torch.compile"  # torch.compile of the torch backend, benchmarked beside the backends
+UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # the seed's defaults; DESIGN §5's U-REPA case
+
+
+@dataclass(frozen=True)
+class Case:
+    """One loss call. repa / urepa: hidden (batch, tokens, dim) — for a UNet mid block a
+    (batch, dim, h, w) feature map — against encoder tokens (batch, target_tokens, target_dim).
+    manifold: projected and target both (batch, tokens, dim)."""
+
+    name: str
+    op: str
+    batch: int
+    tokens: int
+    dim: int
+    target_tokens: int
+    target_dim: int
+    feature_map: bool = False
+    about: str = ""
+
+    @property
+    def shape(self) -> str:
+        if self.op == "manifold":
+            return f"B{self.batch} N{self.tokens} E{self.dim}"
+        side = math.isqrt(self.tokens)
+        hidden = f"{self.dim}x{side}x{side}" if self.feature_map else f"S{self.tokens} D{self.dim}"
+        return f"B{self.batch} {hidden} -> N{self.target_tokens} E{self.target_dim}"
+
+    def gemm_flops(self) -> int:
+        """Flops of the unavoidable GEMMs of forward + backward (DESIGN.md §5's floor).
+
+        Projection: forward, input gradient and weight gradient, 3 x 2 x rows x D x E, on the
+        rows left after aligning (resampling is linear, so a shrinking resample goes first).
+        Manifold: the cheaper of the direct form (6 N^2 E) and the Gram form (10 N E^2), per sample.
+        """
+        if self.op == "manifold":
+            return self.batch * _manifold_flops(self.tokens, self.dim)
+        side = math.isqrt(self.tokens)
+        plan = plan_alignment(self.tokens, self.target_tokens, (side, side) if self.feature_map else None, None)
+        flops = 6 * self.batch * min(self.tokens, plan.tokens) * self.dim * self.target_dim
+        if self.op == "urepa":
+            flops += self.batch * _manifold_flops(plan.tokens, self.target_dim)
+        return flops
+
+
+def _manifold_flops(tokens: int, dim: int) -> int:
+    return min(6 * tokens * tokens * dim, 10 * tokens * dim * dim)
+
+
+# Hidden side: (name, op, tokens, width, feature map, batch on a GPU).
+MODELS = (
+    ("sd15-512", "urepa", 8 * 8, 1280, True, 16),
+    ("sdxl-1024", "urepa", 32 * 32, 1280, True, 8),
+    ("flux-1024", "repa", 64 * 64, 3072, False, 4),
+    ("sd3-512", "repa", 32 * 32, 1536, False, 16),
+    ("sit-xl-256", "repa", 16 * 16, 1152, False, 256),
+)
+# Target side: DINOv2 patch tokens (patch 14) at 224px and 518px.
+ENCODERS = tuple((f"dinov2-{size}-{px}", (px // 14) ** 2, width)
+                 for px in (224, 518) for size, width in (("s", 384), ("b", 768), ("l", 1024), ("g", 1536)))
+
+
+def _model_cases(batch: Optional[int], encoders: Sequence[str] = ()) -> List[Case]:
+    """Every model against every encoder (or those named), plus the manifold loss of each UNet
+    pair (U-REPA's second term, on the aligned tokens); `batch=None` takes each model's GPU batch."""
+    cases: Dict[str, Case] = {}
+    for model, op, tokens, dim, feature_map, model_batch in MODELS:
+        b = model_batch if batch is None else batch
+        for encoder, target_tokens, target_dim in ENCODERS:
+            if encoders and encoder not in encoders:
+                continue
+            about = f"{model} x {encoder}"
+            cases[f"{op}.{model}.{encoder}.b{b}"] = Case(f"{op}.{model}.{encoder}.b{b}", op, b, tokens, dim,
+                                                         target_tokens, target_dim, feature_map, about)
+            if op == "urepa":
+                aligned = min(tokens, target_tokens)
+                name = f"manifold.n{aligned}-e{target_dim}.b{b}"  # both resolutions may align alike
+                cases.setdefault(name, Case(name, "manifold", b, aligned, target_dim, aligned, target_dim,
+                                            about=f"U-REPA manifold term of {about}"))
+    return list(cases.values())
+
+
+def _design_cases() -> List[Case]:
+    """DESIGN.md §5, row by row (GPU sizes)."""
+    return [
+        Case("repa.flux-1024.n4096-e1536.b4", "repa", 4, 4096, 3072, 4096, 1536, about="Flux 1024px, equal counts"),
+        Case("repa.sit-xl-256.dinov2-b-224.b256", "repa", 256, 256, 1152, 256, 768, about="SiT-XL 256px (REPA)"),
+        Case("repa.flux-1024.dinov2-g-518.b4", "repa", 4, 4096, 3072, 1369, 1536,
+             about="Flux 1024px, 64x64 aligned to 37x37"),
+        Case("urepa.sdxl-1024.dinov2-g-518.b8", "urepa", 8, 1024, 1280, 1369, 1536, feature_map=True,
+             about="SDXL 1024px mid block vs 37x37"),
+        Case("manifold.n1369-e1536.b4", "manifold", 4, 1369, 1536, 1369, 1536, about="37x37 DINOv2-G tokens"),
+        Case("manifold.n1024-e1536.b16", "manifold", 16, 1024, 1536, 1024, 1536, about="SDXL 1024px, B16"),
+        Case("manifold.n4096-e1536.b4", "manifold", 4, 4096, 1536, 4096, 1536, about="4096 tokens"),
+        Case("manifold.n16384-e1024.b2", "manifold", 2, 16384, 1024, 16384, 1024, about="16384 tokens"),
+    ]
+
+
+def _cpu_cases() -> List[Case]:
+    """CPU-sized: batch 1, every model against the seed's default encoder (DINOv2-G at 518px)
+    and its low-memory suggestion (DINOv2-S at 224px)."""
+    return _model_cases(batch=1, encoders=("dinov2-s-224", "dinov2-g-518"))
+
+
+def _quick_cases() -> List[Case]:
+    """Small cases covering each op and path: U-REPA on a feature map, REPA with equal counts and
+    with the hidden side resampled first, the manifold loss in its direct and its Gram form."""
+    wanted = ("urepa.sd15-512.dinov2-s-224.b1", "repa.sit-xl-256.dinov2-b-224.b1", "repa.sd3-512.dinov2-s-224.b1",
+              "manifold.n64-e384.b1", "manifold.n1024-e384.b1")
+    by_name = {c.name: c for c in _model_cases(batch=1)}
+    return [by_name[name] for name in wanted]
+
+
+PRESETS: Dict[str, Callable[[], List[Case]]] = {
+    "quick": _quick_cases,
+    "cpu": _cpu_cases,
+    "design": _design_cases,
+    "models": lambda: _model_cases(batch=None),
+}
+PRESETS["gpu"] = lambda: _design_cases() + _model_cases(batch=None)
+
+
+def all_cases() -> List[Case]:
+    return list({c.name: c for preset in PRESETS.values() for c in preset()}.values())
+
+
+def default_preset(device: torch.device, quick: bool = False) -> str:
+    if quick:
+        return "quick"
+    return "design" if device.type == "cuda" else "cpu"
+
+
+def select_cases(spec: str) -> List[Case]:
+    """`spec`: comma-separated preset names, case names or shell patterns over case names
+    (e.g. "design", "quick,manifold.*", "repa.flux-1024.*.b4"), in order, without repeats."""
+    known = all_cases()
+    chosen: Dict[str, Case] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        matched = PRESETS[item]() if item in PRESETS else [c for c in known if fnmatch.fnmatchcase(c.name, item)]
+        if not matched:
+            raise ValueError(f"--cases: {item!r} is neither a preset ({', '.join(PRESETS)}) nor matches a case "
+                             f"name (see `repa-fast bench --list`)")
+        chosen.update((c.name, c) for c in matched)
+    return list(chosen.values())
+
+
+def bench_backends(device: torch.device, requested: Optional[Sequence[str]] = None) -> List[str]:
+    """The backends to measure: every backend that runs on `device` plus torch.compile of the
+    torch backend. On CPU the triton backend runs only under the Triton interpreter, whose
+    timings mean nothing: it is measured there only when asked for by name."""
+    runnable = available_backends(device) + [COMPILED]
+    if requested is None:
+        return [b for b in runnable if not (device.type == "cpu" and b == "triton")]
+    unknown = [b for b in requested if b not in ("torch", "triton", "cuda", COMPILED)]
+    if unknown:
+        raise ValueError(f"--backends: unknown {', '.join(unknown)}; choose from torch, triton, cuda, {COMPILED}")
+    return list(requested)
+
+
+def _inputs(case: Case, device: torch.device, dtype: torch.dtype) -> Tuple[Tuple[torch.Tensor, ...], List[torch.Tensor]]:
+    """The loss's tensor arguments and the leaves that get gradients. Activations are in `dtype`
+    (bf16 on a GPU, as a trainer's autocast gives them), projector parameters fp32 (master
+    weights), the encoder's target detached."""
+    def leaf(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dt).requires_grad_()
+
+    target = torch.randn(case.batch, case.target_tokens, case.target_dim, device=device, dtype=dtype)
+    if case.op == "manifold":
+        projected = leaf(case.batch, case.tokens, case.dim)
+        return (projected, target), [projected]
+    if case.feature_map:
+        side = math.isqrt(case.tokens)
+        hidden = leaf(case.batch, case.dim, side, side)
+    else:
+        hidden = leaf(case.batch, case.tokens, case.dim)
+    params = [leaf(case.dim, scale=0.1, dt=torch.float32), leaf(case.dim, scale=0.1, dt=torch.float32),
+              leaf(case.target_dim, case.dim, scale=case.dim ** -0.5, dt=torch.float32),
+              leaf(case.target_dim, scale=0.1, dt=torch.float32)]
+    return (hidden, target, *params), [hidden, *params]
+
+
+def _loss_fn(op: str, backend: str) -> Callable[..., torch.Tensor]:
+    """The scalar a trainer backpropagates, through the public API."""
+    if op == "repa":
+        return lambda *args: rf.repa_loss(*args, backend=backend)
+    if op == "urepa":
+        def urepa_total(*args):
+            align, manifold = rf.urepa_loss(*args, backend=backend)
+            return UREPA_LAMBDA * (align + UREPA_MANIFOLD_WEIGHT * manifold)
+        return urepa_total
+    return lambda *args: rf.manifold_loss(*args, backend=backend)
+
+
+@dataclass
+class Workload:
+    """`run()`: one forward + backward, gradients written fresh (as after zero_grad(set_to_none=True)).
+    `clear()` drops the gradients, so a memory probe can start from the inputs alone."""
+
+    run: Callable[[], None]
+    clear: Callable[[], None]
+    compile_s: Optional[float] = None
+
+    def step(self) -> None:
+        self.clear()
+        self.run()
+
+
+def make_workload(case: Case, backend: str, device: torch.device, dtype: torch.dtype) -> Workload:
+    """Inputs on `device`, and the fwd+bwd of `case.op` on `backend`; torch.compile is compiled
+    here, by one warm-up step whose seconds are kept as `compile_s`."""
+    args, leaves = _inputs(case, device, dtype)
+    loss_fn = _loss_fn(case.op, "torch" if backend == COMPILED else backend)
+    if backend == COMPILED:
+        torch._dynamo.reset()  # fresh compile per case: never hit the recompile limit and fall back to eager
+        loss_fn = torch.compile(loss_fn, dynamic=False)
+
+    def run():
+        loss_fn(*args).backward()
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    workload = Workload(run, clear)
+    if backend == COMPILED:
+        start = time.perf_counter()
+        workload.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        workload.compile_s = time.perf_counter() - start
+    return workload

@@ -1,0 +1,255 @@
+"""The triton backend's manifold loss and fused U-REPA head against the float64 reference
+(DESIGN.md §4). Without a GPU the kernels run under the Triton interpreter (tests/conftest.py),
+so the shapes stay tiny; the DESIGN.md §5 shapes run in bf16 only on a GPU."""
+import importlib
+
+import pytest
+import torch
+
+import repa_fast as rf
+from parity import (PROJECTION_ARGS, TOLERANCE, LargestAllocation, assert_matches_reference, literal_manifold,
+                    projection_inputs, rel_err)
+from repa_fast.backends import resolve_backend
+from repa_fast.kernels import manifold
+
+FORMS = ("direct", "gram")
+INTERPRETER_DTYPES = (torch.float32, torch.float16)   # the interpreter has no bf16
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+
+@pytest.fixture
+def force_form(monkeypatch):
+    """force_form(name) makes every call take that form, whatever N and E."""
+    def force(name):
+        monkeypatch.setattr(manifold, "use_gram_form", lambda tokens, dim: name == "gram")
+    return force
+
+
+@pytest.fixture
+def large_tiles(monkeypatch):
+    """Makes the launchers take the first (largest) tile of each table: on the CPU, grids are tiny."""
+    monkeypatch.setattr(manifold, "_multiprocessors", lambda device: 1)
+
+
+def _pair(batch, tokens, dim, dtype=torch.float32):
+    """The loss is scale-invariant and its gradient goes as 1 / |z|: small projections keep fp16
+    gradients (about 4 sqrt(N) / (B N^2 E |z|)) out of fp16's subnormal range."""
+    return {"projected": 0.01 * torch.randn(batch, tokens, dim, dtype=dtype, device=DEVICE),
+            "target": torch.randn(batch, tokens, dim, dtype=dtype, device=DEVICE)}
+
+
+def _assert_manifold_matches(inputs):
+    return assert_matches_reference(rf.manifold_loss, inputs, backend="triton", grad_names=("projected",))
+
+
+# ---------------------------------------------------------------- parity, both forms
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("batch, tokens, dim", [
+    (2, 37, 13),      # N below one tile, E odd
+    (3, 150, 21),     # N over several 64-tiles, not a multiple of one; several row chunks
+])
+def test_manifold_matches_reference(batch, tokens, dim, form, dtype, force_form):
+    force_form(form)
+    _assert_manifold_matches(_pair(batch, tokens, dim, dtype))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_manifold_large_tiles_match_reference(form, force_form, large_tiles):
+    """The 128-wide half-precision tiles, on N and E spanning two of them."""
+    force_form(form)
+    _assert_manifold_matches(_pair(2, 133, 129, torch.float16))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_many_row_chunks_match_reference(form, force_form, monkeypatch):
+    """A small scratch budget: the direct form's D slab and the Gram form's g slab in many
+    chunks of a few rows (partial tiles)."""
+    force_form(form)
+    monkeypatch.setattr(manifold, "SCRATCH_ELEMENTS", 1500)
+    _assert_manifold_matches(_pair(2, 100, 21))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_manifold_loss_only_matches_reference(form, force_form):
+    """Without a gradient the direct form runs only the tiles J >= I."""
+    force_form(form)
+    inputs = _pair(2, 150, 21)
+    with torch.no_grad():
+        loss = rf.manifold_loss(inputs["projected"], inputs["target"], backend="triton")
+    expected = literal_manifold(inputs["projected"].double(), inputs["target"].double())
+    assert rel_err(loss, expected) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_the_two_forms_agree_on_the_same_inputs(dtype, force_form):
+    inputs = _pair(2, 70, 19, dtype)
+    results = {}
+    for form in FORMS:
+        force_form(form)
+        z = inputs["projected"].clone().requires_grad_()
+        loss = manifold.manifold_loss(z, inputs["target"])
+        loss.backward()
+        results[form] = (loss, z.grad)
+    (loss_d, grad_d), (loss_g, grad_g) = results["direct"], results["gram"]
+    assert rel_err(loss_g, loss_d) <= TOLERANCE[dtype] and rel_err(grad_g, grad_d) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_strided_views_match_reference(form, force_form):
+    """Inputs read through their strides: (B, N, E) views of (B, E, N) tensors, no copy."""
+    force_form(form)
+    inputs = {k: v.transpose(1, 2).contiguous().transpose(1, 2) for k, v in _pair(2, 40, 13).items()}
+    assert inputs["projected"].stride(-1) != 1
+    _assert_manifold_matches(inputs)
+
+
+def test_one_token_per_sample(force_form):
+    """N = 1: D is |zn|^2 - |tn|^2, 1 where one side is a zero row; the gradient is zero."""
+    inputs = _pair(3, 1, 7)
+    inputs["target"][0] = 0.0
+    inputs["projected"][1] = 0.0
+    for form in FORMS:
+        force_form(form)
+        z = inputs["projected"].clone().requires_grad_()
+        loss = manifold.manifold_loss(z, inputs["target"])
+        loss.backward()
+        assert loss.item() == pytest.approx(2.0 / 3.0, rel=1e-6)
+        assert torch.isfinite(z.grad).all() and z.grad.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_zero_norm_rows(form, force_form):
+    """F.normalize semantics: zero rows give finite losses and gradients, equal to the reference's."""
+    force_form(form)
+    inputs = _pair(2, 40, 13)
+    inputs["projected"][0, [3, 17]] = 0.0
+    inputs["target"][0, [5, 17]] = 0.0
+    inputs["target"][1, 39] = 0.0
+    _assert_manifold_matches(inputs)
+
+
+# ---------------------------------------------------------------- fused U-REPA head
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("form", FORMS)
+def test_urepa_matches_reference(form, dtype, force_form):
+    force_form(form)
+    inputs = projection_inputs(2, 36, 24, 25, 20, dtype=dtype)    # 6x6 hidden grid resampled to 5x5
+    assert_matches_reference(rf.urepa_loss, inputs, backend="triton")
+
+
+def test_urepa_feature_map_matches_reference():
+    inputs = projection_inputs(2, (4, 5), 16, 20, 11, feature_map=True)
+    assert_matches_reference(rf.urepa_loss, inputs, backend="triton")
+
+
+# ---------------------------------------------------------------- determinism, memory, dispatch
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bitwise_deterministic(form, force_form):
+    force_form(form)
+    inputs = projection_inputs(2, 70, 16, 70, 19)
+    runs = []
+    for _ in range(2):
+        leaves = {k: v.clone().requires_grad_(k in PROJECTION_ARGS) for k, v in inputs.items()}
+        align, manifold_value = rf.urepa_loss(**leaves, backend="triton")
+        (align + 3.0 * manifold_value).backward()
+        runs.append([align, manifold_value] + [leaves[k].grad for k in PROJECTION_ARGS])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_no_allocation_of_b_n_n(form, force_form):
+    """Forward and backward at a size where B x N x N dwarfs everything else. The op's own
+    allocations happen below the dispatcher (a custom op is opaque to dispatch modes), so the
+    implementation is also run directly under the probe."""
+    force_form(form)
+    batch, tokens, dim = 2, 200, 8
+    z = torch.randn(batch, tokens, dim, device=DEVICE, requires_grad=True)
+    t = torch.randn(batch, tokens, dim, device=DEVICE)
+    with LargestAllocation() as probe:
+        manifold.manifold_loss(z, t).backward()
+        manifold._losses_and_grads(z.detach(), t, with_grad=True, with_align=True)
+    assert z.numel() <= probe.numel < batch * tokens * tokens
+
+
+def test_auto_backend_picks_triton_for_cuda_tensors(monkeypatch):
+    """Dispatch looks only at the device type, so this runs without a GPU."""
+    monkeypatch.delenv("REPA_FAST_BACKEND", raising=False)
+    triton_backend = importlib.import_module("repa_fast.kernels.backend")
+    assert resolve_backend(None, torch.device("cuda")) is triton_backend
+    assert triton_backend.manifold_loss is manifold.manifold_loss
+    assert triton_backend.urepa_loss is manifold.urepa_loss
+
+
+def test_float64_is_refused():
+    inputs = _pair(1, 5, 4, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        manifold.manifold_loss(inputs["projected"], inputs["target"])
+
+
+# ---------------------------------------------------------------- torch.library / torch.compile
+
+def test_ops_pass_opcheck():
+    z, t = torch.randn(2, 9, 6, device=DEVICE), torch.randn(2, 9, 6, device=DEVICE)
+    for op in (torch.ops.repa_fast.triton_manifold_loss.default, torch.ops.repa_fast.triton_urepa_losses.default):
+        for with_grad in (False, True):
+            torch.library.opcheck(op, (z.clone().requires_grad_(with_grad), t, with_grad))
+
+
+def test_torch_compile_fullgraph():
+    inputs = projection_inputs(2, 25, 12, 25, 9, device=DEVICE)
+
+    def losses(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, projected):
+        align, manifold_value = rf.urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias,
+                                              backend="triton")
+        return align + 3.0 * manifold_value + rf.manifold_loss(projected, target, backend="triton")
+
+    compiled = torch.compile(losses, fullgraph=True, backend="inductor" if GPU else "aot_eager")
+    inputs["projected"] = torch.randn(2, 25, 9, device=DEVICE)
+    grad_names = PROJECTION_ARGS + ("projected",)
+    results = []
+    for fn in (losses, compiled):
+        leaves = {k: v.clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
+        out = fn(**leaves)
+        out.backward()
+        results.append([out] + [leaves[k].grad for k in grad_names])
+    for eager, traced in zip(*results):
+        assert rel_err(traced, eager) <= 1e-6
+
+
+# ---------------------------------------------------------------- GPU, bf16, DESIGN.md §5 shapes
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, tokens, dim", [(4, 1369, 1536), (16, 1024, 1536), (4, 4096, 1536), (2, 16384, 1024)])
+def test_gpu_manifold_bf16_design_shapes(batch, tokens, dim):
+    _assert_manifold_matches(_pair(batch, tokens, dim, torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_gpu_urepa_bf16_sdxl_shape():
+    inputs = projection_inputs(8, (32, 32), 1280, 37 * 37, 1536, dtype=torch.bfloat16, device="cuda",
+                               feature_map=True)
+    assert_matches_reference(rf.urepa_loss, inputs, backend="triton")
+
+
+@pytest.mark.gpu
+def test_gpu_n16384_peak_memory_and_determinism():
+    """DESIGN.md §5: B2 N16384 E1024 under 200 MiB above the inputs, bitwise reproducible."""
+    z = torch.randn(2, 16384, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(2, 16384, 1024, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        z.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = rf.manifold_loss(z, t, backend="triton")
+        loss.backward()
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - base <= 200 * 2 ** 20
+        runs.append((loss.detach().clone(), z.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

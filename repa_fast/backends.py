@@ -60,15 +60,23 @@ def available_backends(device: Optional[torch.device | str] = None) -> List[str]
     return [name for name in BACKENDS if not _why_not(name, device)]
 
 
+def check_backend(backend, *, name: str = "backend") -> Optional[str]:
+    """A known backend name, "auto" or None (whether it can run is decided per call, from the
+    tensors' device)."""
+    if backend is not None and backend not in BACKENDS + ("auto",):
+        raise ValueError(f"{name} must be one of {', '.join(BACKENDS)}, 'auto' or None, got {backend!r}")
+    return backend
+
+
 @torch.compiler.assume_constant_result
 def _pick(backend: Optional[str], device_type: str) -> str:
     """The backend name for these arguments. Under torch.compile it runs once at trace time (it
     imports modules and reads the environment, which dynamo cannot trace) and its answer is
     baked into the graph."""
     if backend is None:
-        backend = os.environ.get("REPA_FAST_BACKEND", "").strip().lower() or "auto"
-    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, 'auto' or None, got {backend!r}")
+        backend = check_backend(os.environ.get("REPA_FAST_BACKEND", "").strip().lower() or "auto",
+                                name="REPA_FAST_BACKEND")
+    check_backend(backend)
     device = torch.device(device_type)
     if backend == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
@@ -77,6 +85,11 @@ def _pick(backend: Optional[str], device_type: str) -> str:
     if reason:
         raise BackendUnavailableError(f"backend {backend!r} cannot run: {reason}")
     return backend
+
+
+def backend_name(backend: Optional[str], device: torch.device | str) -> str:
+    """The name of the backend that `backend` (None, "auto" or a name) resolves to on `device`."""
+    return _pick(backend, torch.device(device).type)
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> ModuleType:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import backend_name
+
 IMAGE_SIZE = 32
 DATASET_SIZE = 256
 TINY_ENCODER_IMAGE_SIZE = 112  # an 8 x 8 patch grid
@@ -150,12 +152,6 @@ def _trend(history: List[Dict[str, float]], key: str) -> str:
     return f"{key} {first:+.3f} -> {last:+.3f}"
 
 
-def _backend_name(backend: Optional[str], device: torch.device) -> str:
-    from . import backends
-    module = backends.resolve_backend(backend, device)
-    return next(name for name, path in backends._MODULES.items() if path == module.__name__)
-
-
 def run(args: argparse.Namespace) -> int:
     from . import BackendUnavailableError, RepaRegularizer, URepaRegularizer, VisionEncoder
 
@@ -164,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        backend = _backend_name(args.backend, device)
+        backend = backend_name(args.backend, device)
     except (BackendUnavailableError, ValueError) as err:
         print(f"repa-fast demo: {err}")
         return 2

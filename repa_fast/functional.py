@@ -10,33 +10,38 @@ from typing import Optional, Tuple
 
 import torch
 
-from .alignment import AlignmentPlan, Grid, plan_alignment, resample_tokens
+from .alignment import Grid, plan_alignment, resample_tokens
 from .backends import resolve_backend
-from .validation import (as_tokens, check_batch, check_eps, check_finite_if_asked, check_projector,
-                         check_same_device, check_tensor)
+from .validation import (TOKEN_LAYOUTS, as_tokens, check_batch, check_eps, check_finite_if_asked, check_flag,
+                         check_param_dtypes, check_projector, check_same_device, check_tensor)
 
 
 def _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
-                        spatial_align, ln_eps) -> Tuple[torch.Tensor, torch.Tensor, AlignmentPlan, float]:
+                        spatial_align, ln_eps) -> tuple:
+    """The backend's arguments: hidden tokens, the detached target, the four parameters, the
+    alignment plan and ln_eps."""
     h, h_grid = as_tokens("hidden", hidden, hidden_grid)
     t, t_grid = as_tokens("target", target, target_grid, allow_feature_map=False)
     check_batch("hidden", hidden, "target", target)
-    check_projector(h.shape[-1], t.shape[-1], ln_weight, ln_bias, proj_weight, proj_bias)
-    check_same_device(hidden=hidden, target=target, ln_weight=ln_weight, ln_bias=ln_bias,
-                      proj_weight=proj_weight, proj_bias=proj_bias)
+    params = dict(ln_weight=ln_weight, ln_bias=ln_bias, proj_weight=proj_weight, proj_bias=proj_bias)
+    check_projector(hidden, **params, target=target)
+    check_param_dtypes(hidden, **params)
+    check_same_device(hidden=hidden, target=target, **params)
     eps = check_eps(ln_eps)
-    check_finite_if_asked(hidden=hidden, target=target, ln_weight=ln_weight, ln_bias=ln_bias,
-                          proj_weight=proj_weight, proj_bias=proj_bias)
-    plan = plan_alignment(h.shape[1], t.shape[1], h_grid, t_grid, bool(spatial_align))
-    return h, t.detach(), plan, eps
+    check_finite_if_asked(hidden=hidden, target=target, **params)
+    plan = plan_alignment(h.shape[1], t.shape[1], h_grid, t_grid, check_flag("spatial_align", spatial_align))
+    # Backends may assume contiguous parameters: they are small, so a strided one (a transposed
+    # weight, a slice of a shared buffer) costs one cheap copy here.
+    return (h, t.detach(), *(param.contiguous() for param in params.values()), plan, eps)
 
 
 def _prepare_pair(projected, target) -> Tuple[torch.Tensor, torch.Tensor]:
-    check_tensor("projected", projected, (3,))
-    check_tensor("target", target, (3,))
+    check_tensor("projected", projected, TOKEN_LAYOUTS)
+    check_tensor("target", target, TOKEN_LAYOUTS)
     if projected.shape != target.shape:
-        raise ValueError(f"projected and target must have the same (B, N, E) shape, got {tuple(projected.shape)} "
-                         f"and {tuple(target.shape)}; align them first with align_tokens")
+        raise ValueError(f"projected and target must have the same (B, N, E) shape, got projected "
+                         f"{tuple(projected.shape)} and target {tuple(target.shape)}; "
+                         f"align them first with align_tokens")
     check_same_device(projected=projected, target=target)
     check_finite_if_asked(projected=projected, target=target)
     return projected, target.detach()
@@ -51,9 +56,9 @@ def repa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tenso
     hidden: (B, S, D) tokens or a (B, D, H, W) feature map; target: (B, N, E) encoder tokens;
     ln_weight, ln_bias: (D,); proj_weight: (E, D); proj_bias: (E,). Returns a scalar in [-1, 1].
     """
-    h, t, plan, eps = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias,
-                                          hidden_grid, target_grid, spatial_align, ln_eps)
-    return resolve_backend(backend, h.device).repa_loss(h, t, ln_weight, ln_bias, proj_weight, proj_bias, plan, eps)
+    args = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
+                               spatial_align, ln_eps)
+    return resolve_backend(backend, hidden.device).repa_loss(*args)
 
 
 def urepa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
@@ -62,9 +67,9 @@ def urepa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tens
                backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """U-REPA: (alignment loss, manifold loss) of one projection, aligned spatially as repa_loss.
     The trainer's total is lambda * (alignment + manifold_weight * manifold)."""
-    h, t, plan, eps = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias,
-                                          hidden_grid, target_grid, True, ln_eps)
-    return resolve_backend(backend, h.device).urepa_loss(h, t, ln_weight, ln_bias, proj_weight, proj_bias, plan, eps)
+    args = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
+                               True, ln_eps)
+    return resolve_backend(backend, hidden.device).urepa_loss(*args)
 
 
 def cosine_alignment_loss(projected: torch.Tensor, target: torch.Tensor, *,
@@ -89,5 +94,7 @@ def align_tokens(a: torch.Tensor, b: torch.Tensor, *, a_grid: Optional[Grid] = N
     b_tokens, b_grid = as_tokens("b", b, b_grid)
     check_batch("a", a, "b", b)
     check_same_device(a=a, b=b)
-    plan = plan_alignment(a_tokens.shape[1], b_tokens.shape[1], a_grid, b_grid, bool(spatial_align))
+    check_finite_if_asked(a=a, b=b)
+    plan = plan_alignment(a_tokens.shape[1], b_tokens.shape[1], a_grid, b_grid,
+                          check_flag("spatial_align", spatial_align))
     return resample_tokens(a_tokens, plan.a), resample_tokens(b_tokens, plan.b)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .alignment import Grid
+from .backends import check_backend
 from .functional import repa_loss, urepa_loss
 from .schedule import LambdaSchedule
-from .validation import as_tokens
+from .validation import as_tokens, check_eps, check_flag, check_projector, check_same_device
 
 
 class RepaProjector(nn.Sequential):
@@ -25,7 +26,7 @@ class RepaProjector(nn.Sequential):
         for name, value in (("hidden_dim", hidden_dim), ("encoder_dim", encoder_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        super().__init__(nn.LayerNorm(hidden_dim, eps=ln_eps, device=device, dtype=torch.float32),
+        super().__init__(nn.LayerNorm(hidden_dim, eps=check_eps(ln_eps), device=device, dtype=torch.float32),
                          nn.Linear(hidden_dim, encoder_dim, device=device, dtype=torch.float32))
 
     @property
@@ -43,7 +44,13 @@ class RepaProjector(nn.Sequential):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, S, D) tokens or a (B, D, H, W) feature map -> (B, S or H*W, E) projections."""
         tokens, _ = as_tokens("hidden", hidden, None)
+        check_projector(hidden, *self.loss_args())
+        check_same_device(hidden=hidden, projector=self.linear.weight)
         return super().forward(tokens.to(self.linear.weight.dtype))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _as_schedule(schedule: Union[LambdaSchedule, float, None]) -> LambdaSchedule:
@@ -62,14 +69,16 @@ class _ScheduledAlignmentLoss(nn.Module):
 
     `forward(..., step=None)` uses the module's own step count, advanced once per training-mode
     call; pass the trainer's global step to follow it instead. The count and the schedule's
-    similarity EMA live in the state_dict, so a resumed run continues where it stopped.
+    similarity EMA live in the state_dict, so a resumed run continues where it stopped. Under
+    torch.distributed with a similarity threshold, the losses logged and fed to the EMA are the
+    mean over ranks (one all-reduce per training step), so every rank cuts off at the same step.
     """
 
     def __init__(self, hidden_dim: int, encoder_dim: int, schedule, backend: Optional[str]):
         super().__init__()
         self.projector = RepaProjector(hidden_dim, encoder_dim)
         self.schedule = _as_schedule(schedule)
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.step_count = 0
 
     log_names: Tuple[str, ...]  # one per loss term, in the order _losses returns them
@@ -84,15 +93,24 @@ class _ScheduledAlignmentLoss(nn.Module):
                 target_grid: Optional[Grid] = None, step: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
         if step is None:
             step = self.step_count
-        self.step_count = step + 1 if self.training else self.step_count
-        off = self.schedule.is_off(step)
+        off = self.schedule.is_off(step)   # also checks `step`
         # Past the cutoff the loss is computed only for the logs, without a graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not off):
             losses = self._losses(hidden, target, hidden_grid, target_grid)
-            values = torch.stack([loss.detach().float() for loss in losses]).tolist()  # one device sync
+            values = torch.stack([loss.detach().float() for loss in losses])
+            if self.training and self.schedule.similarity_threshold is not None and _distributed():
+                # Every rank must take the same cutoff decision: the EMA follows the global mean.
+                torch.distributed.all_reduce(values)
+                values /= torch.distributed.get_world_size()
+            values = values.tolist()  # one device sync
             similarity = -values[0]
-            weight = self.schedule.weight(step, similarity if self.training else None)
+            # A non-finite step (say an fp16 overflow the grad scaler will skip) keeps its NaN loss but
+            # must not poison the similarity EMA for the rest of the run.
+            feeds_ema = self.training and math.isfinite(similarity)
+            weight = self.schedule.weight(step, similarity if feeds_ema else None)
             total = sum(w * loss for w, loss in zip(self._term_weights(), losses)) * weight
+        if self.training:   # only a call that got this far counts as a step
+            self.step_count = int(step) + 1
         logs = dict(zip(self.log_names, values))
         logs.update(similarity=similarity, weight=weight)
         return total, logs
@@ -117,7 +135,7 @@ class RepaLoss(_ScheduledAlignmentLoss):
     def __init__(self, hidden_dim: int, encoder_dim: int, *, schedule=None, spatial_align: bool = True,
                  backend: Optional[str] = None):
         super().__init__(hidden_dim, encoder_dim, schedule, backend)
-        self.spatial_align = spatial_align
+        self.spatial_align = check_flag("spatial_align", spatial_align)
 
     def _losses(self, hidden, target, hidden_grid, target_grid):
         return (repa_loss(hidden, target, *self.projector.loss_args(), hidden_grid=hidden_grid,

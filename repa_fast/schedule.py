@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+_INT64_MAX = 2 ** 63 - 1
 SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 DECAYING_SCHEDULERS = ("linear", "cosine", "polynomial")
 THRESHOLD_MODES = ("permanent", "recoverable")
@@ -69,13 +70,21 @@ class ParamSpec:
         # bool is an int subclass; a flag where a number belongs is a mistake, not 0 or 1.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return None
-        if self.kind is int:
-            if isinstance(value, numbers.Integral):
-                return int(value)
-            # JSON writes 1e4 as a float: accept it as long as it is a whole number.
+        try:
             as_float = float(value)
-            return int(as_float) if as_float.is_integer() else None
-        as_float = float(value)
+        except OverflowError:   # an int past float range (~1.8e308): a typo, not a setting
+            return None
+        if self.kind is int:
+            # JSON writes 1e4 as a float: accept it as long as it is a whole number.
+            if isinstance(value, numbers.Integral):
+                as_int = int(value)
+            elif as_float.is_integer():
+                as_int = int(as_float)
+            else:
+                return None
+            # A step count fits int64 (what trainers count in); larger ints would overflow the
+            # float arithmetic of the schedule.
+            return as_int if abs(as_int) <= _INT64_MAX else None
         return as_float if math.isfinite(as_float) else None
 
     def _in_range(self, value: Any) -> bool:
@@ -202,7 +211,7 @@ class LambdaSchedule:
 
     def _scheduled_weight(self, step: int) -> float:
         if self.warmup_steps > 0 and step < self.warmup_steps:
-            return self.base * step / self.warmup_steps
+            return self.base * (step / self.warmup_steps)
         if self.scheduler == "constant":
             return self.base
         # The constructor made sure one of the two is > 0 for a decaying scheduler.
@@ -212,7 +221,7 @@ class LambdaSchedule:
         if self.scheduler == "linear":
             return start + (end - start) * progress
         if self.scheduler == "cosine":
-            return end + (start - end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+            return end + (start - end) * ((1.0 + math.cos(math.pi * progress)) / 2.0)
         return (start - end) * (1.0 - progress) ** self.power + end
 
     def state_dict(self) -> dict[str, Any]:

@@ -53,19 +53,30 @@ def projection_inputs(batch: int, tokens, hidden_dim: int, target_tokens: int, e
                       dtype=torch.float32, param_dtype=torch.float32, device="cpu",
                       feature_map: bool = False) -> Dict[str, torch.Tensor]:
     """hidden (B, tokens, D) — or (B, D, h, w) when `feature_map` and tokens is (h, w) — target
-    (B, target_tokens, E) and projector parameters near a trained LayerNorm's (gamma ~ 1)."""
+    (B, target_tokens, E) and projector parameters near a trained LayerNorm's (gamma ~ 1).
+
+    The target is the projection itself (resampled to the target's count) plus noise, as after
+    some training: the cosine loss sits well below 0, where its relative error means something
+    (against an unrelated target it is ~0 and every relative error is noise)."""
     if feature_map:
-        hidden = torch.randn(batch, hidden_dim, *tokens, device=device, dtype=dtype)
+        hidden = torch.randn(batch, hidden_dim, *tokens, device=device, dtype=torch.float64)
     else:
-        hidden = torch.randn(batch, tokens, hidden_dim, device=device, dtype=dtype)
-    return {
-        "hidden": hidden * 2.0 + 0.5,
-        "target": torch.randn(batch, target_tokens, encoder_dim, device=device, dtype=dtype),
-        "ln_weight": (1.0 + 0.2 * torch.randn(hidden_dim, device=device)).to(param_dtype),
-        "ln_bias": (0.1 * torch.randn(hidden_dim, device=device)).to(param_dtype),
-        "proj_weight": (torch.randn(encoder_dim, hidden_dim, device=device) / math.sqrt(hidden_dim)).to(param_dtype),
-        "proj_bias": (0.1 * torch.randn(encoder_dim, device=device)).to(param_dtype),
+        hidden = torch.randn(batch, tokens, hidden_dim, device=device, dtype=torch.float64)
+    params = {
+        "ln_weight": 1.0 + 0.2 * torch.randn(hidden_dim, device=device, dtype=torch.float64),
+        "ln_bias": 0.1 * torch.randn(hidden_dim, device=device, dtype=torch.float64),
+        "proj_weight": torch.randn(encoder_dim, hidden_dim, device=device, dtype=torch.float64) / math.sqrt(hidden_dim),
+        "proj_bias": 0.1 * torch.randn(encoder_dim, device=device, dtype=torch.float64),
     }
+    hidden = hidden * 2.0 + 0.5
+    if hidden.numel() and target_tokens and encoder_dim and device != "meta":
+        z = literal_projection(hidden, *params.values())
+        z = interpolate_tokens(z, (z.shape[1],), (target_tokens,))
+        target = (z + 0.4 * z.std() * torch.randn_like(z)).contiguous()
+    else:   # empty or meta inputs (validation tests): nothing to correlate with
+        target = torch.randn(batch, target_tokens, encoder_dim, device=device, dtype=torch.float64)
+    return {"hidden": hidden.to(dtype), "target": target.to(dtype),
+            **{name: value.to(param_dtype) for name, value in params.items()}}
 
 
 def cast(inputs: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:

@@ -97,6 +97,37 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+def _threshold_worker(rank, world, port, out_dir):
+    """Rank 0 sees aligned features (similarity ~1), rank 1 unrelated ones (~0): alone, rank 0
+    would cross the 0.6 threshold and rank 1 would not."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        loss_module = rf.RepaLoss(8, 8, schedule=rf.LambdaSchedule(base=0.5, similarity_threshold=0.6))
+        with torch.no_grad():
+            loss_module.projector.linear.weight.copy_(torch.eye(8))
+            loss_module.projector.linear.bias.zero_()
+        hidden = torch.randn(2, 16, 8)
+        projected = loss_module.projector(hidden).detach()
+        target = projected if rank == 0 else torch.randn(2, 16, 8)
+        weights = [loss_module(hidden, target)[1]["weight"] for _ in range(3)]
+        torch.save(weights, os.path.join(out_dir, f"weights_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker, tmp_path):
+    context = mp.spawn(worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP workers did not finish within 240 s")
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -114,13 +145,7 @@ def assert_same_gradients(got, want, label):
 
 
 def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
-    context = mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 240 s")
+    _spawn(_worker, tmp_path)
     for kind in CONFIGS:
         model, reg, inputs, target, pixels = build(kind)
         assert train_step(model, reg, reg, inputs, target, pixels, step=0)
@@ -128,3 +153,9 @@ def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
         assert any(name.startswith("projector.") for name in want) and len(want) > 10
         for rank in range(WORLD):
             assert_same_gradients(torch.load(tmp_path / f"{kind}_rank{rank}.pt"), want, (kind, rank))
+
+
+def test_similarity_threshold_cuts_off_on_every_rank_together(tmp_path):
+    _spawn(_threshold_worker, tmp_path)
+    weights = [torch.load(tmp_path / f"weights_rank{rank}.pt") for rank in range(WORLD)]
+    assert weights[0] == weights[1] == [0.5, 0.5, 0.5]   # the global mean (~0.5) stays under 0.6

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -29,6 +30,9 @@ Status dispatch(Scalar dtype, F&& f) {
 
 template <typename T> float to_f(T v) { return static_cast<float>(v); }
 template <typename T> T from_f(float v) { return static_cast<T>(v); }
+
+// The C++ type of gemm_dtype() for activations of type T.
+template <typename T> using GemmType = std::conditional_t<std::is_same_v<T, float>, float, c10::Half>;
 
 int64_t offset_of(const TokenLayout& l, int64_t row) {
   const int64_t b = row / l.tokens;
@@ -53,19 +57,19 @@ Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout xl, const flo
       mean[row] = mu;
       rstd[row] = 1.f / std::sqrt(sq / xl.dim + eps);
       for (int64_t d = 0; d < xl.dim; ++d)
-        static_cast<T*>(y)[row * xl.dim + d] =
-            from_f<T>((to_f(xs[base + d * xl.sd]) - mu) * rstd[row] * gamma[d] + beta[d]);
+        static_cast<GemmType<T>*>(y)[row * xl.dim + d] =
+            from_f<GemmType<T>>((to_f(xs[base + d * xl.sd]) - mu) * rstd[row] * gamma[d] + beta[d]);
     }
   });
 }
 
-Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout xl, const void* grad_y, const float* mean,
-                           const float* rstd, const float* gamma, void* grad_x, TokenLayout gl, float* gamma_partial,
-                           float* beta_partial, Stream) {
+Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout xl, const float* grad_y, const float* grad_y_scale,
+                           const float* mean, const float* rstd, const float* gamma, void* grad_x, TokenLayout gl,
+                           float* gamma_partial, float* beta_partial, Stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xs = static_cast<const T*>(x);
-    const T* gy = static_cast<const T*>(grad_y);
+    const float g_scale = grad_y_scale != nullptr ? *grad_y_scale : 1.f;
     const int64_t rows = xl.batch * xl.tokens, dim = xl.dim;
     const int64_t blocks = (rows + LAYER_NORM_ROWS - 1) / LAYER_NORM_ROWS;
     if (gamma_partial != nullptr)
@@ -76,7 +80,7 @@ Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout xl, const vo
       float c1 = 0.f, c2 = 0.f;
       for (int64_t d = 0; d < dim; ++d) {
         xhat[d] = (to_f(xs[base + d * xl.sd]) - mean[row]) * rstd[row];
-        g[d] = to_f(gy[row * dim + d]);
+        g[d] = grad_y[row * dim + d] * g_scale;
         c1 += g[d] * gamma[d];
         c2 += g[d] * gamma[d] * xhat[d];
       }
@@ -112,7 +116,7 @@ Status gather_rows(Scalar dtype, const void* x, int64_t batch, int64_t src_rows,
 }
 
 Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, Stream) {
+                           void* normalized, Scalar normalized_dtype, bool sum_and_difference, Stream) {
   if (normalized_dtype != Scalar::f32 && normalized_dtype != Scalar::f16) return "normalized rows are f32 or f16";
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -132,12 +136,13 @@ Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t r
       if (normalized == nullptr) continue;
       for (int64_t e = 0; e < dim; ++e) {
         const float zn = to_f(zs[r * dim + e]) * inv_z, tn = to_f(ts[r * dim + e]) * inv_t;
+        const float first = sum_and_difference ? zn + tn : zn, second = sum_and_difference ? zn - tn : tn;
         if (normalized_dtype == Scalar::f16) {
-          static_cast<c10::Half*>(normalized)[r * 2 * dim + e] = from_f<c10::Half>(zn);
-          static_cast<c10::Half*>(normalized)[r * 2 * dim + dim + e] = from_f<c10::Half>(tn);
+          static_cast<c10::Half*>(normalized)[r * 2 * dim + e] = from_f<c10::Half>(first);
+          static_cast<c10::Half*>(normalized)[r * 2 * dim + dim + e] = from_f<c10::Half>(second);
         } else {
-          static_cast<float*>(normalized)[r * 2 * dim + e] = zn;
-          static_cast<float*>(normalized)[r * 2 * dim + dim + e] = tn;
+          static_cast<float*>(normalized)[r * 2 * dim + e] = first;
+          static_cast<float*>(normalized)[r * 2 * dim + dim + e] = second;
         }
       }
     }

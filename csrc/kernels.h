@@ -5,8 +5,9 @@
 // CPU so that the glue can be run and checked without a GPU.
 //
 // Every launcher returns nullptr on success, else the CUDA error's message. Activations are float32,
-// float16 or bfloat16 (`Scalar`); statistics, weights, partial sums and gradients kept for later
-// are float32. Sizes and strides are in elements.
+// float16 or bfloat16 (`Scalar`); the projection's GEMM operands are gemm_dtype(activations);
+// statistics, weights, partial sums and gradients kept for later are float32. Sizes and strides are
+// in elements.
 #pragma once
 
 #include <cstdint>
@@ -25,8 +26,13 @@ struct TokenLayout {
   int64_t sb, ss, sd;
 };
 
-// LayerNorm of every row of x: y = (x - mean) * rstd * gamma + beta, y (B*S, D) row-major in x's
-// dtype, mean and rstd (B*S) float32.
+// The dtype of the projection GEMM's operands for activations of `activations`' dtype: float32 for
+// float32; float16 for both half-precision dtypes (bfloat16 included: the same tensor-core speed,
+// with 3 more mantissa bits — bfloat16 operands cost ~1e-2 relative error in the gradients).
+constexpr Scalar gemm_dtype(Scalar activations) { return activations == Scalar::f32 ? Scalar::f32 : Scalar::f16; }
+
+// LayerNorm of every row of x: y = (x - mean) * rstd * gamma + beta, y (B*S, D) row-major in
+// gemm_dtype(dtype) (the GEMM's operand), mean and rstd (B*S) float32.
 Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout x_layout, const float* gamma,
                           const float* beta, float eps, void* y, float* mean, float* rstd, Stream stream);
 
@@ -34,12 +40,14 @@ Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout x_layout, con
 // ceil(B*S / LAYER_NORM_ROWS) rows of D, summed (deterministically) by the caller.
 constexpr int64_t LAYER_NORM_ROWS = 32;
 
-// Backward of layer_norm_forward given grad_y (B*S, D) row-major in x's dtype: grad_x (may be null)
-// written with grad_x_layout's strides in x's dtype, and per-block partial sums of
+// Backward of layer_norm_forward given grad_y (B*S, D) row-major float32, times the device scalar
+// *grad_y_scale unless it is null (it undoes the scaling of a float16 GEMM operand): grad_x (may
+// be null) written with grad_x_layout's strides in x's dtype, and per-block partial sums of
 // grad_gamma = sum grad_y * xhat and grad_beta = sum grad_y (both null or both given).
-Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout x_layout, const void* grad_y,
-                           const float* mean, const float* rstd, const float* gamma, void* grad_x,
-                           TokenLayout grad_x_layout, float* gamma_partial, float* beta_partial, Stream stream);
+Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout x_layout, const float* grad_y,
+                           const float* grad_y_scale, const float* mean, const float* rstd, const float* gamma,
+                           void* grad_x, TokenLayout grad_x_layout, float* gamma_partial, float* beta_partial,
+                           Stream stream);
 
 // out[b, r, :] = sum over j in [offsets[r], offsets[r+1]) of weight[j] * x[b, index[j], :], with
 // x (B, src_rows, C) and out (B, dst_rows, C) row-major in one dtype, float32 accumulation. The
@@ -51,9 +59,11 @@ Status gather_rows(Scalar dtype, const void* x, int64_t batch, int64_t src_rows,
 
 // Per row r of z and t (rows x dim, row-major): cos[r] = <z^, t^> with v^ = v / max(||v||, 1e-12),
 // and when `normalized` is given, normalized[r] = [z^_r | t^_r] (rows x 2*dim) in normalized_dtype
-// (f32, or f16 for the tensor cores: unit rows keep 3 more mantissa bits in f16 than in bf16).
+// (f32, or f16 for the tensor cores: unit rows keep 3 more mantissa bits in f16 than in bf16), or,
+// with `sum_and_difference`, [z^_r + t^_r | z^_r - t^_r] (the stable Gram form's operands, each
+// rounded once from float32: the difference of nearly equal rows keeps its relative precision).
 Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, Stream stream);
+                           void* normalized, Scalar normalized_dtype, bool sum_and_difference, Stream stream);
 
 // Gradient w.r.t. z of  grad_align * align_scale * sum_r <z^_r, t^_r>  +  grad_manifold * <M, Z^>,
 // where M = manifold_grad (rows x dim, float32, may be null) is the manifold loss's gradient w.r.t.

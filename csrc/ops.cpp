@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -96,11 +97,27 @@ void check_projection(const char* op, const Tensor& hidden, const Tensor& ln_wei
               ": proj_weight must be (E, D) with D = ", hidden.size(2), ", got ", proj_weight.sizes());
 }
 
-// z = resample(LayerNorm(hidden)) @ W^T + b, float32 (the GEMM runs in hidden's dtype, float32
-// accumulation; the bias is added in float32: rounding it would shift every row the same way);
-// also returns the GEMM's input y (B, N, D) in hidden's dtype and the LayerNorm statistics (B*S,)
-// for the backward. Resampling is linear with weights summing to one, so it is applied before the
-// GEMM (fewer rows).
+// The dtype of the projection GEMM's operands for `activations` (kernels.h's gemm_dtype).
+at::ScalarType gemm_type(const Tensor& activations) {
+  return gemm_dtype(scalar_of(activations)) == Scalar::f16 ? at::kHalf : at::kFloat;
+}
+
+// x (float32) as a float16 GEMM operand, scaled by the power of two that brings max |x| into
+// [2^14, 2^15): dL/dz of a mean over many rows lies far below float16's normal range, and far above
+// it under a loss scaler. Returns (operand, 1 / scale); the scale stays on the device (no
+// synchronization) and an all-zero x keeps a finite one.
+std::tuple<Tensor, Tensor> scaled_half(const Tensor& x) {
+  const Tensor exponent = at::clamp(at::floor(at::log2(at::linalg_vector_norm(x, INFINITY))) - 14.0, -126.0, 126.0);
+  Tensor operand = at::empty_like(x, x.options().dtype(at::kHalf));
+  at::mul_out(operand, x, at::exp2(exponent.neg()));
+  return {operand, at::exp2(exponent)};
+}
+
+// z = resample(LayerNorm(hidden)) @ W^T + b, float32: the GEMM takes operands of gemm_type(hidden)
+// (float16 for half-precision activations) with float32 accumulation; the bias is added in float32
+// (rounding it would shift every row the same way). Also returns the GEMM's input y (B, N, D) in
+// that dtype and the LayerNorm statistics (B*S,) for the backward. Resampling is linear with
+// weights summing to one, so it is applied before the GEMM (fewer rows).
 std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(const Tensor& hidden, const Tensor& ln_weight,
                                                               const Tensor& ln_bias, const Tensor& proj_weight,
                                                               const Tensor& proj_bias, const OptionalTensor& taps_offsets,
@@ -112,10 +129,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(const Tensor& hidd
   check_device(hidden, {ln_weight, ln_bias, proj_weight, proj_bias});
   const c10::DeviceGuard guard(hidden.device());
   const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
-  const auto dtype = hidden.scalar_type();
+  const auto gemm = gemm_type(hidden);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const Tensor gamma = ln_weight.to(at::kFloat).contiguous(), beta = ln_bias.to(at::kFloat).contiguous();
-  Tensor y = at::empty({batch, tokens, dim}, hidden.options());
+  Tensor y = at::empty({batch, tokens, dim}, hidden.options().dtype(gemm));
   Tensor mean = at::empty({batch * tokens}, f32), rstd = at::empty({batch * tokens}, f32);
   check_ok(layer_norm_forward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), gamma.data_ptr<float>(),
                               beta.data_ptr<float>(), static_cast<float>(ln_eps), y.data_ptr(), mean.data_ptr<float>(),
@@ -123,14 +140,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(const Tensor& hidd
            "layer_norm_forward");
   y = gather_if(y, taps_offsets, taps_index, taps_weight);
   const int64_t rows = y.size(1);
-  Tensor z = matmul_f32(y.view({batch * rows, dim}), proj_weight.to(dtype).t()).add_(proj_bias.to(at::kFloat));
+  Tensor z = matmul_f32(y.view({batch * rows, dim}), proj_weight.to(gemm).t()).add_(proj_bias.to(at::kFloat));
   return {z.view({batch, rows, out_dim}), y, mean, rstd};
 }
 
 // Gradients of projection_forward's z for the inputs flagged in `needs` (hidden, ln_weight, ln_bias,
 // proj_weight, proj_bias), undefined for the others. hidden's comes in its dtype and, when it is
 // dense, its strides; the parameters' come in float32 (the caller casts). The taps are the
-// transposed (scatter) taps of the forward's resampling.
+// transposed (scatter) taps of the forward's resampling. The products take dL/dz in y's dtype
+// (float16: scaled, see scaled_half) and give float32 results, which feed reductions (over rows for
+// W, over rows and features in the LayerNorm backward); b's gradient sums float32 dL/dz itself.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
     const Tensor& grad_z, const Tensor& hidden, const Tensor& ln_weight, const Tensor& proj_weight, const Tensor& y,
     const Tensor& mean, const Tensor& rstd, const OptionalTensor& taps_offsets, const OptionalTensor& taps_index,
@@ -140,16 +159,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
   const c10::DeviceGuard guard(hidden.device());
   const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
   const int64_t rows = y.size(1);
-  TORCH_CHECK(y.sizes() == at::IntArrayRef({batch, rows, dim}) && grad_z.sizes() == at::IntArrayRef({batch, rows, out_dim}) &&
-                  mean.numel() == batch * tokens && rstd.numel() == batch * tokens,
-              "cuda_projection_backward: grad_z, y, mean and rstd do not match the forward's shapes");
-  const auto dtype = hidden.scalar_type();
-  const Tensor gz = grad_z.to(dtype).contiguous().view({batch * rows, out_dim});
+  const auto gemm = gemm_type(hidden);
+  TORCH_CHECK(y.sizes() == at::IntArrayRef({batch, rows, dim}) && y.scalar_type() == gemm &&
+                  grad_z.sizes() == at::IntArrayRef({batch, rows, out_dim}) && mean.numel() == batch * tokens &&
+                  rstd.numel() == batch * tokens,
+              "cuda_projection_backward: grad_z, y, mean and rstd do not match the forward's shapes and dtypes");
+  const Tensor gz = grad_z.to(at::kFloat).contiguous().view({batch * rows, out_dim});
+  Tensor operand = gz, unscale;  // unscale: undefined for float32 operands
+  if (gemm == at::kHalf) std::tie(operand, unscale) = scaled_half(gz);
   Tensor g_hidden, g_gamma, g_beta, g_weight, g_bias;
-  if (needs[3]) g_weight = matmul_f32(gz.t(), y.reshape({batch * rows, dim}));
-  if (needs[4]) g_bias = at::sum(gz, {0}, false, at::kFloat);
+  if (needs[3]) {
+    g_weight = matmul_f32(operand.t(), y.reshape({batch * rows, dim}));
+    if (unscale.defined()) g_weight.mul_(unscale);
+  }
+  if (needs[4]) g_bias = gz.sum(0);
   if (needs[0] || needs[1] || needs[2]) {
-    Tensor g_y = at::mm(gz, proj_weight.to(dtype)).view({batch, rows, dim});
+    Tensor g_y = matmul_f32(operand, proj_weight.to(gemm)).view({batch, rows, dim});  // float32, still scaled
     g_y = gather_if(g_y, taps_offsets, taps_index, taps_weight).contiguous();
     TORCH_CHECK(g_y.size(1) == tokens, "cuda_projection_backward: the taps map ", rows, " rows to ", g_y.size(1),
                 ", expected ", tokens);
@@ -160,7 +185,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
     const Tensor gamma_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
     const Tensor beta_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
     if (needs[0]) g_hidden = at::empty_like(hidden);  // hidden's strides when it is dense, else contiguous
-    check_ok(layer_norm_backward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), g_y.data_ptr(),
+    check_ok(layer_norm_backward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), g_y.data_ptr<float>(),
+                                 unscale.defined() ? unscale.data_ptr<float>() : nullptr,
                                  mean.contiguous().data_ptr<float>(), rstd.contiguous().data_ptr<float>(),
                                  gamma.data_ptr<float>(), needs[0] ? g_hidden.data_ptr() : nullptr,
                                  layout_of(needs[0] ? g_hidden : hidden),
@@ -178,37 +204,47 @@ Tensor gather_rows_op(const Tensor& x, const Tensor& offsets, const Tensor& inde
   return gather(x, offsets, index, weight);
 }
 
-// The manifold loss of normalized rows [zn | tn] (B, N, 2E), float16 or float32, and, when asked,
-// its gradient w.r.t. zn: (4 / (B N^2)) (Zn Zn^T - Tn Tn^T) Zn, float32 (else an empty (0, N, E)).
-// Three ways, none storing B x N x N: the Gram form (||Zn^T Zn||^2 - 2 ||Zn^T Tn||^2 + ||Tn^T Tn||^2
-// through cuBLAS) when the caller prefers it (it is cheaper for N > 5E/3, but cancels when the rows
-// are aligned); else the direct form, in the tiled kernel (float16 rows, on tensor cores) when its
-// strip fits in shared memory, else in chunks of rows through cuBLAS (float32 rows: exact float32,
-// TF32 only where torch allows it).
-std::tuple<Tensor, Tensor> manifold_terms(const Tensor& normalized, bool gram, bool need_grad) {
-  const int64_t batch = normalized.size(0), tokens = normalized.size(1), dim = normalized.size(2) / 2;
+// The manifold loss of normalized rows, float16 or float32, and, when asked, its gradient w.r.t.
+// Zn: (4 / (B N^2)) (Zn Zn^T - Tn Tn^T) Zn, float32 (else an empty (0, N, E)). Three ways, none
+// storing B x N x N: the Gram form through cuBLAS when the caller prefers it (it is cheaper for
+// N > 5E/3); else the direct form, in the tiled kernel (float16 rows, on tensor cores) when its strip
+// fits in shared memory, else in chunks of rows through cuBLAS (float32 rows: exact float32, TF32
+// only where torch allows it). `pairs` (B, N, 2E) holds [Zn | Tn] for the direct form and
+// [S | D] = [Zn + Tn | Zn - Tn] for the Gram form (cosine_rows_forward's sum_and_difference).
+std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool need_grad) {
+  const int64_t batch = pairs.size(0), tokens = pairs.size(1), dim = pairs.size(2) / 2;
   const double count = static_cast<double>(batch) * tokens * tokens;
-  const auto f32 = normalized.options().dtype(at::kFloat);
-  const Tensor zn = normalized.narrow(2, 0, dim), tn = normalized.narrow(2, dim, dim);
-  const auto squared = [](const Tensor& m) { return at::linalg_vector_norm(m).square(); };
+  const auto f32 = pairs.options().dtype(at::kFloat);
   const Tensor no_grad = at::empty({0, tokens, dim}, f32);
   if (gram) {
-    const Tensor cross = matmul_f32(zn.transpose(1, 2), normalized);  // (B, E, 2E) = [Zn^T Zn | Zn^T Tn]
-    const Tensor zz = cross.narrow(2, 0, dim), zt = cross.narrow(2, dim, dim);
-    Tensor loss = (squared(zz) - 2.0 * squared(zt) + squared(matmul_f32(tn.transpose(1, 2), tn))) / count;
+    // Zn Zn^T - Tn Tn^T = (S D^T + D S^T) / 2, so the sum is (<S^T S, D^T D> + <S^T D, D^T S>) / 2:
+    // three E x E products, without the textbook ||Zn^T Zn||^2 - 2 ||Zn^T Tn||^2 + ||Tn^T Tn||^2's
+    // cancellation of large terms when rows are aligned or share a direction.
+    const Tensor s = pairs.narrow(2, 0, dim), d = pairs.narrow(2, dim, dim);
+    const Tensor s_products = matmul_f32(s.transpose(1, 2), pairs);  // (B, E, 2E) = [S^T S | S^T D]
+    const Tensor ss = s_products.narrow(2, 0, dim), sd = s_products.narrow(2, dim, dim);
+    const Tensor dd = matmul_f32(d.transpose(1, 2), d);
+    const Tensor loss = (at::sum(ss * dd) + at::sum(sd * sd.transpose(1, 2))) / (2.0 * count);
     if (!need_grad) return {loss, no_grad};
-    // (Zn Zn^T - Tn Tn^T) Zn = [Zn | Tn] @ [Zn^T Zn ; -(Zn^T Tn)^T]
-    const Tensor rhs = at::cat({zz, zt.transpose(1, 2).neg()}, 1).mul_(4.0 / count).to(normalized.scalar_type());
-    return {loss, matmul_f32(normalized, rhs)};
+    // 4 (Zn Zn^T - Tn Tn^T) Zn = [S | D] @ [D^T S + D^T D ; S^T S + S^T D] (with Zn = (S + D) / 2),
+    // one product reusing the three above, without large cancelling terms either.
+    Tensor rhs = at::cat({sd.transpose(1, 2) + dd, ss + sd}, 1);  // (B, 2E, E)
+    if (pairs.scalar_type() == at::kFloat) return {loss, matmul_f32(pairs, rhs.mul_(1.0 / count))};
+    // float16: rhs's entries are at most 8N in magnitude (rows of S and D have norms <= 2); scaled to
+    // at most 2^15 rather than by 1 / count, which would flush them below float16's range.
+    const double scale = std::ldexp(1.0, 12 - static_cast<int>(std::ceil(std::log2(static_cast<double>(tokens)))));
+    return {loss, matmul_f32(pairs, rhs.mul_(scale).to(at::kHalf)).mul_(1.0 / (count * scale))};
   }
-  const int block_rows = manifold_direct_block_rows(scalar_of(normalized), tokens, need_grad, normalized.get_device());
+  const Tensor zn = pairs.narrow(2, 0, dim), tn = pairs.narrow(2, dim, dim);
+  const auto squared = [](const Tensor& m) { return at::linalg_vector_norm(m).square(); };
+  const int block_rows = manifold_direct_block_rows(scalar_of(pairs), tokens, need_grad, pairs.get_device());
   if (block_rows > 0) {
     Tensor partial = at::empty({batch * ((tokens + block_rows - 1) / block_rows)}, f32);
     Tensor grad = need_grad ? at::empty({batch, tokens, dim}, f32) : no_grad;
-    const char* rows = static_cast<const char*>(normalized.data_ptr());
-    check_ok(manifold_direct(scalar_of(normalized), rows, rows + dim * normalized.element_size(), 2 * dim, batch,
-                             tokens, dim, static_cast<float>(4.0 / count), partial.data_ptr<float>(),
-                             need_grad ? grad.data_ptr<float>() : nullptr, block_rows, stream_of(normalized)),
+    const char* rows = static_cast<const char*>(pairs.data_ptr());
+    check_ok(manifold_direct(scalar_of(pairs), rows, rows + dim * pairs.element_size(), 2 * dim, batch, tokens, dim,
+                             static_cast<float>(4.0 / count), partial.data_ptr<float>(),
+                             need_grad ? grad.data_ptr<float>() : nullptr, block_rows, stream_of(pairs)),
              "manifold_direct");
     return {partial.sum() / count, grad};
   }
@@ -222,7 +258,7 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& normalized, bool gram, b
                             .sub_(matmul_f32(tn.narrow(1, start, length), tn.transpose(1, 2)));
     total.add_(squared(diff));
     if (need_grad)
-      grad.narrow(1, start, length).copy_(matmul_f32(diff.mul_(4.0 / count).to(normalized.scalar_type()), zn));
+      grad.narrow(1, start, length).copy_(matmul_f32(diff.mul_(4.0 / count).to(pairs.scalar_type()), zn));
   }
   return {total / count, grad};
 }
@@ -230,8 +266,9 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& normalized, bool gram, b
 // (alignment, manifold, manifold_grad): alignment = -mean cos(z, t) per row; the manifold loss and
 // its gradient w.r.t. the normalized rows when `manifold` (else 0 and an empty (0, N, E) tensor;
 // the gradient is also empty without `need_grad`). The manifold's rows are normalized into float16
-// for the tensor cores when `half_precision` (half-precision activations), else float32. Losses are
-// float32 scalars. t is cast to z's dtype.
+// for the tensor cores when `half_precision` (half-precision activations), else float32, and, for
+// the Gram form, stored as their sum and difference (manifold_terms). Losses are float32 scalars.
+// t is cast to z's dtype.
 std::tuple<Tensor, Tensor, Tensor> alignment_terms(const Tensor& z, const Tensor& t, bool manifold, bool gram,
                                                    bool need_grad, bool half_precision) {
   TORCH_CHECK(z.dim() == 3 && z.numel() > 0 && t.sizes() == z.sizes(),
@@ -244,14 +281,14 @@ std::tuple<Tensor, Tensor, Tensor> alignment_terms(const Tensor& z, const Tensor
   const auto f32 = z.options().dtype(at::kFloat);
   const auto normalized_dtype = half_precision ? at::kHalf : at::kFloat;
   Tensor cos = at::empty({rows}, f32);
-  Tensor normalized = manifold ? at::empty({batch, tokens, 2 * dim}, z.options().dtype(normalized_dtype)) : Tensor();
+  Tensor pairs = manifold ? at::empty({batch, tokens, 2 * dim}, z.options().dtype(normalized_dtype)) : Tensor();
   check_ok(cosine_rows_forward(scalar_of(zc), zc.data_ptr(), tc.data_ptr(), rows, dim, cos.data_ptr<float>(),
-                               manifold ? normalized.data_ptr() : nullptr, half_precision ? Scalar::f16 : Scalar::f32,
+                               manifold ? pairs.data_ptr() : nullptr, half_precision ? Scalar::f16 : Scalar::f32, gram,
                                stream_of(zc)),
            "cosine_rows_forward");
   Tensor align = cos.mean().neg();
   if (!manifold) return {align, at::zeros({}, f32), at::empty({0, tokens, dim}, f32)};
-  auto [loss, grad] = manifold_terms(normalized, gram, need_grad);
+  auto [loss, grad] = manifold_terms(pairs, gram, need_grad);
   return {align, loss, grad};
 }
 

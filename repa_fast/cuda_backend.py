@@ -183,12 +183,18 @@ def _taps(code: Sequence[int], device: torch.device, transposed: bool):
 
 # ---------------------------------------------------------------- ops seen by torch.compile and autograd
 
+def _gemm_dtype(activations: torch.dtype) -> torch.dtype:
+    """The projection GEMM's operand dtype (csrc/kernels.h gemm_dtype): float16 for both half-precision
+    activation dtypes (bfloat16's 7-bit mantissa costs ~1e-2 in the gradients), else float32."""
+    return torch.float32 if activations == torch.float32 else torch.float16
+
+
 @torch.library.custom_op("repa_fast::cuda_project", mutates_args=())
 def _project(hidden: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
              step: List[int], ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(z, y, mean, rstd): z = resample(LayerNorm(hidden)) @ W^T + b in float32 (the GEMM runs in
-    hidden's dtype), y the GEMM's input, the LayerNorm statistics; `step` is the hidden side's plan
-    step (_encode)."""
+    """(z, y, mean, rstd): z = resample(LayerNorm(hidden)) @ W^T + b in float32, y the GEMM's input
+    (in _gemm_dtype(hidden.dtype)), the LayerNorm statistics; `step` is the hidden side's plan step
+    (_encode)."""
     return torch.ops.repa_fast.cuda_projection_forward(hidden, ln_weight, ln_bias, proj_weight, proj_bias,
                                                        *_taps(step, hidden.device, False), ln_eps)
 
@@ -199,7 +205,7 @@ def _(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps):
     rows = _decode(step).dst_tokens if step else tokens
     stats = hidden.new_empty(batch * tokens, dtype=torch.float32)
     z = hidden.new_empty(batch, rows, proj_weight.shape[0], dtype=torch.float32)
-    return z, hidden.new_empty(batch, rows, dim), stats, torch.empty_like(stats)
+    return z, hidden.new_empty(batch, rows, dim, dtype=_gemm_dtype(hidden.dtype)), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("repa_fast::cuda_project_backward", mutates_args=())

@@ -96,7 +96,7 @@ def make_inputs(case, dtype, device, param_dtype=torch.float32):
     return inputs, kwargs
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
 @pytest.mark.parametrize("case", PROJECTION_CASES)
 def test_repa_loss(device, case, dtype):
     inputs, kwargs = make_inputs(case, dtype, device)
@@ -122,18 +122,19 @@ def test_half_precision_parameters(device):
 
 
 # (batch, tokens, features). Direct manifold form (3 N <= 5 E): the tiled kernel for half-precision
-# rows, chunked GEMMs for float32 ones; rows share a direction, as real features do. Gram form
-# (3 N > 5 E): independent rows, since the Gram identity cancels when rows are aligned (in the
-# torch backend too).
+# rows, chunked GEMMs for float32 ones. Gram form (3 N > 5 E), in its stable sum/difference form.
 DIRECT_SHAPES = [(2, 37, 50), (2, 150, 130)]
 if torch.cuda.is_available():
     DIRECT_SHAPES += [(2, 200, 136), (1, 1100, 1024)]  # several row blocks and column tiles; a wide strip
 GRAM_SHAPES = [(3, 129, 13), (3, 60, 13)]
 
 
-def pair_inputs(shape, dtype, device, shared=True):
-    direction = shared_direction(shape[-1], device) if shared else torch.zeros(shape[-1], device=device)
-    return {name: (torch.randn(*shape, device=device) + direction).to(dtype) for name in ("projected", "target")}
+def pair_inputs(shape, dtype, device):
+    """Rows sharing a direction, as real features do, and a target close to the projection, as after
+    training: the cases where the textbook Gram identity cancels."""
+    projected = torch.randn(*shape, device=device) + shared_direction(shape[-1], device)
+    target = projected + 0.5 * torch.randn(*shape, device=device)
+    return {"projected": projected.to(dtype), "target": target.to(dtype)}
 
 
 # float16 gradients of a mean over N^2 pairs underflow past N ~ 100 (in every backend): small N only.
@@ -143,7 +144,7 @@ MANIFOLD_CASES += [((2, 37, 50), torch.float16), ((3, 60, 13), torch.float16)]
 
 @pytest.mark.parametrize("shape, dtype", MANIFOLD_CASES, ids=str)
 def test_manifold_loss(device, shape, dtype):
-    inputs = pair_inputs(shape, dtype, device, shared=shape not in GRAM_SHAPES)
+    inputs = pair_inputs(shape, dtype, device)
     assert_matches_reference(rf.manifold_loss, inputs, backend="cuda", grad_names=("projected",))
 
 
@@ -176,6 +177,45 @@ def test_zero_rows_give_finite_losses_and_gradients(device):
     inputs["projected"][0, :3] = 0.0
     assert_matches_reference(rf.manifold_loss, inputs, backend="cuda", grad_names=("projected",))
     assert_matches_reference(rf.cosine_alignment_loss, inputs, backend="cuda", grad_names=("projected",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_parameter_gradients_scale_exactly_with_the_loss(device, dtype):
+    """Half-precision GEMMs take dL/dz scaled by a power of two chosen from its magnitude: a tiny loss
+    weight or a loss scaler's 2^16 scales the parameter gradients exactly (nothing flushed to zero or
+    overflowing in float16)."""
+    inputs, kwargs = make_inputs("bilinear-hidden", dtype, device)
+    params = PROJECTION_ARGS[1:]
+
+    def grads(scale):
+        leaves = {k: v.clone().requires_grad_(k in params) for k, v in inputs.items()}
+        align, manifold = rf.urepa_loss(**leaves, backend="cuda", **kwargs)
+        return torch.autograd.grad(scale * (align + 3.0 * manifold), [leaves[n] for n in params])
+
+    unscaled = grads(1.0)
+    for scale in (2.0 ** -24, 2.0 ** 16):
+        assert all(torch.equal(got / scale, want) for got, want in zip(grads(scale), unscaled))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+def test_ops_match_their_fake_implementations(device, dtype):
+    """torch.library.opcheck: the fake implementations torch.compile traces with give the real ops'
+    shapes and dtypes (the projection's GEMM operand y is float16 for half-precision activations)."""
+    inputs, _ = make_inputs("bilinear-hidden", dtype, device)
+    step = cuda_backend._encode(Resample("bilinear", (8, 8), (6, 6)))
+    args = [inputs[name] for name in PROJECTION_ARGS]
+    torch.library.opcheck(cuda_backend._project, (*(a.clone().requires_grad_() for a in args), step, 1e-5))
+    z, y, mean, rstd = cuda_backend._project(*args, step, 1e-5)
+    assert y.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
+    hidden, ln_weight, _, proj_weight, _ = args
+    torch.library.opcheck(cuda_backend._project_grads,
+                          (torch.randn_like(z), hidden, ln_weight, proj_weight, y, mean, rstd, step, [True] * 5))
+    target = inputs["target"]
+    torch.library.opcheck(cuda_backend._resample_tokens,
+                          (target, cuda_backend._encode(Resample("bilinear", (6, 6), (5, 5)))))
+    for gram in (False, True):
+        torch.library.opcheck(torch.ops.repa_fast.cuda_alignment_terms,
+                              (z.detach().requires_grad_(), target, True, gram, True, dtype != torch.float32))
 
 
 def test_float64_goes_to_the_reference(device):

@@ -6,27 +6,51 @@ Nothing of size B x N x N is ever allocated. Two forms, the cheaper picked per c
 `repa_fast.reference.use_gram_form`:
 
 * direct (N up to ~5E/3): per sample, tiles D_IJ = Zn_I Zn_J^T - Tn_I Tn_J^T built in registers
-  from the raw inputs (the T product accumulates onto the rescaled Z product, one tile), the row
-  norms applied in the epilogue; squared and reduced. Without a gradient only tiles J >= I run,
-  off-diagonal ones counted twice. With a gradient every tile of a chunk of rows runs, stores
-  D in the compute dtype into a scratch of (B, rows, N), rows < N and at most SCRATCH_ELEMENTS
-  in all (a bounded slab, never B x N x N), and the per-row sums s_i = sum_j D_ij <zn_i, zn_j>; a second GEMM D @ Zn then gives
-  g = (4 / (B N^2)) D Zn and, in its epilogue, the gradient through the normalisation
-  dz = (g - zn <zn, g>) / ||z||, written in the input dtype.
-* Gram (N well above E): ||Zn^T Zn||^2 - 2 ||Tn^T Zn||^2 + ||Tn^T Tn||^2 from E x E tile GEMMs with
-  fp32 accumulation (symmetric products only on tiles J >= I); Zn^T Zn / N and -Tn^T Zn / N are
-  kept as M = [A; -C^T] (B, 2E, E) and g = (4 / (B N)) [Zn | Tn] M is one GEMM over K = 2E whose
-  row scales go to the epilogue. g (fp32) goes through a row-chunk scratch, then a row pass
-  applies the normalisation's backward.
+  (the T product accumulates onto the rescaled Z product, one tile), the row norms applied in the
+  epilogue; squared and reduced. Without a gradient only tiles J >= I run, off-diagonal ones
+  counted twice. With a gradient every tile of a chunk of rows runs, stores D in the operand type
+  into a scratch of (B, rows, N), rows < N and at most SCRATCH_ELEMENTS in all (a bounded slab,
+  never B x N x N), and the per-row sums s_i = sum_j D_ij <zn_i, zn_j>; a second GEMM D @ Zn then
+  gives g = (4 / (B N^2)) D Zn and, in its epilogue, the gradient through the normalisation
+  dz = (g - zn <zn, g>) / ||z||, written in the input's dtype.
+* Gram (N well above E): with S = Zn + Tn and D = Zn - Tn, formed from the normalised rows in
+  fp32 at load time and rounded once, Zn Zn^T - Tn Tn^T = (S D^T + D S^T) / 2 and the sum is
+  (<S^T S, D^T D> + <S^T D, D^T S>) / 2. The textbook ||Zn^T Zn||^2 - 2 ||Tn^T Zn||^2 +
+  ||Tn^T Tn||^2 cancels large terms when Zn ~ Tn or the rows share a direction (measured: fp32
+  loss errors 2e-5 to 1e-1, fp16 above 1); this form has nothing to cancel. One program per pair
+  of feature tiles (a, b), b >= a, runs one GEMM [S_a | D_a]^T [S_b | D_b] = [[SS, SD], [DS, DD]]
+  over the N tokens (fp32 accumulator); tile (b, a) has the same loss summand and transposed
+  blocks. The gradient w.r.t. Zn, 4 (Zn Zn^T - Tn Tn^T) Zn / (B N^2) = [S | D] M / (B N^2) with
+  M = [D^T S + D^T D; S^T S + S^T D] = 2 [D^T Zn; S^T Zn] (2E x E, written by the same programs),
+  is one GEMM over K = 2E; g (fp32) goes through a row-chunk scratch, then a row pass applies the
+  normalisation's backward. M is stored rounded, less its rank-one part along the rows' mean,
+  R = 2N [d_mean; s_mean] z_mean^T (column means from a pre-pass): when the rows share a direction
+  R dominates M and its rounding swamped the gradient (fp16: 3e-3 at pairwise cos 0.92, 1e-1 at
+  0.997); [S | D] R goes back in fp32 from the unrounded rows (then 4e-4 and 6e-4). |M - R| <= 4N:
+  it is stored times a power of two <= M_RANGE / N, which keeps fp16 entries below 32768 and the
+  typical ones clear of fp16's subnormals (unscaled, they cost up to 3e-2 of the gradient as
+  Zn -> Tn).
+
+Precision. fp32 activations: fp32 throughout (TF32 only where torch's matmul precision allows).
+16-bit activations: tensor-core operands are 16-bit with fp32 accumulation. Raw fp16/bf16 inputs
+enter the Zn Zn^T and Tn Tn^T tiles as they are (exact products). Every operand that is a rounded
+result — normalised rows, S and D, the D scratch, M — is fp16, for bf16 activations too: those
+values lie in [-2, 2] (M is scaled into range), where fp16 has 3 more mantissa bits than bf16
+(bf16 operands gave 4-7e-3 gradient errors on aligned inputs, growing as alignment improves;
+fp16 ones 5-8e-4). The fused head keeps the projection z in fp32: its manifold gradient (SDXL
+U-REPA: median 1.2e-9) lies below fp16's smallest subnormal and would flush to zero. So no raw
+value is rounded to fp16 and nothing can overflow: the direct form's Zn Zn^T tiles then read fp16
+normalised rows written by the row pass (the only rounding of a fp32 z, after normalisation).
 
 The loss ends the graph, so the gradient is computed in the forward pass and backward only
 scales it. Row norms are computed once (one row pass that also yields the cosine alignment term
 of U-REPA and, when asked, its gradient). Every reduction goes through per-program partials
-summed in a fixed order: the same inputs give bitwise the same loss and gradients.
+summed in a fixed order, no atomics: the same inputs give bitwise the same loss and gradients.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -41,6 +65,7 @@ from .projection import aligned_projection
 
 EPS = 1e-12                    # F.normalize's eps
 SCRATCH_ELEMENTS = 2 ** 24     # bound of the D slab (direct form) and of the g slab (Gram form)
+M_RANGE = 2 ** 13              # Gram form: M is stored times a power of two <= M_RANGE / N (entries < 4 M_RANGE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,8 +76,8 @@ SCRATCH_ELEMENTS = 2 ** 24     # bound of the D slab (direct form) and of the g 
 def _row_stats_kernel(
     Z, T,                     # (B, N, E) inputs, any strides
     NZ, NT, COS,              # (B, N) fp32 out: max(||z||, eps), max(||t||, eps), <zn, tn>
-    ZN,                       # (B, N, E) out, compute dtype: zn (WRITE_ZN)
-    GA,                       # (B, N, E) out, compute dtype: d(-mean cos)/dz (WRITE_ALIGN_GRAD)
+    ZN,                       # (B, N, E) out, operand type: zn (WRITE_ZN)
+    GA,                       # (B, N, E) out, z's dtype: d(-mean cos)/dz (WRITE_ALIGN_GRAD)
     N, E, align_scale,        # align_scale = -1 / (B N)
     stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
     BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EPS: tl.constexpr,
@@ -99,7 +124,8 @@ def _row_stats_kernel(
 @triton.jit
 def _accumulate_pair_products(acc, X, stride_n, stride_e, rows, row_ok, cols, col_ok, E,
                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + X[rows] @ X[cols]^T over the E features (X already offset to its sample)."""
+    """acc + X[rows] @ X[cols]^T over the E features (X already offset to its sample), with X's
+    values as they are: raw 16-bit inputs give exact products."""
     for k0 in range(0, E, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = (ks < E)[None, :]
@@ -111,14 +137,15 @@ def _accumulate_pair_products(acc, X, stride_n, stride_e, rows, row_ok, cols, co
 
 @triton.jit
 def _direct_tiles_kernel(
-    Z, T,                     # (B, N, E) inputs, any strides
+    Z, T,                     # (B, N, E), any strides: z (or zn when Z_NORMALIZED) and t
     NZ, NT,                   # (B, N) fp32 clamped row norms
-    D,                        # (B, chunk_rows, N) compute dtype scratch: D tiles of this row chunk (WITH_GRAD)
+    D,                        # (B, chunk_rows, N) operand-type scratch: D tiles of this row chunk (WITH_GRAD)
     S_PART,                   # (B, n_col_tiles, N) fp32: per column tile, sum_j D_ij <zn_i, zn_j> (WITH_GRAD)
     LOSS_PART,                # (B, n_loss_parts) fp32: one weighted sum of D^2 per program
     N, E, row_start, row_stop, loss_offset, n_loss_parts,
     stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te, stride_db, stride_dn,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, WITH_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, WITH_GRAD: tl.constexpr, Z_NORMALIZED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
@@ -133,15 +160,18 @@ def _direct_tiles_kernel(
     cols = tile_j * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < row_stop
     col_ok = cols < N
-    nz_i = tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
-    nz_j = tl.load(NZ + b * N + cols, mask=col_ok, other=1.0)
     nt_i = tl.load(NT + b * N + rows, mask=row_ok, other=1.0)
     nt_j = tl.load(NT + b * N + cols, mask=col_ok, other=1.0)
 
     acc = tl.zeros((BLOCK, BLOCK), tl.float32)
     acc = _accumulate_pair_products(acc, Z + b * stride_zb, stride_zn, stride_ze, rows, row_ok, cols, col_ok, E,
                                     BLOCK_K, PRECISION)
-    szz = acc / (nz_i[:, None] * nz_j[None, :])                      # <zn_i, zn_j>
+    if Z_NORMALIZED:
+        szz = acc                                                    # <zn_i, zn_j>
+    else:
+        nz_i = tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
+        nz_j = tl.load(NZ + b * N + cols, mask=col_ok, other=1.0)
+        szz = acc / (nz_i[:, None] * nz_j[None, :])
     # One tile for both products: rescale the Z product into T's raw scale, accumulate T T^T onto
     # it, rescale back: D = Szz - Stt.
     acc = -szz * (nt_i[:, None] * nt_j[None, :])
@@ -197,12 +227,12 @@ def _accumulate_rows_times(acc, x_rows, stride_xk, row_ok, w_cols, stride_wk, co
 
 @triton.jit
 def _direct_grad_kernel(
-    D,                        # (B, chunk_rows, N) compute dtype: D rows of this chunk
-    ZN,                       # (B, N, E) compute dtype, contiguous: zn
+    D,                        # (B, chunk_rows, N) operand type: D rows of this chunk
+    ZN,                       # (B, N, E) operand type, contiguous: zn
     Z,                        # (B, N, E) input, any strides
     NZ,                       # (B, N) fp32 clamped norms of z rows
     S_PART,                   # (B, n_s_parts, N) fp32 partials of sum_j D_ij <zn_i, zn_j>
-    OUT,                      # (B, N, E) contiguous, input gradient
+    OUT,                      # (B, N, E) contiguous, z's dtype: input gradient
     N, E, row_start, row_stop, n_s_parts, scale,     # scale = 4 / (B N^2)
     stride_db, stride_dn, stride_zb, stride_zn, stride_ze,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -224,88 +254,175 @@ def _direct_grad_kernel(
 
 
 @triton.jit
+def _normalized(z_ptrs, t_ptrs, mask, inv_nz, inv_nt):
+    """(zn, tn) of a (tokens, features) tile of raw rows, fp32. Their sums and differences are
+    formed in fp32 and rounded once, by the callers: no cancellation left for rounding to magnify."""
+    zn = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nz[:, None]
+    tn = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nt[:, None]
+    return zn, tn
+
+
+@triton.jit
+def _column_means_kernel(
+    Z, T,                     # (B, N, E) inputs, any strides
+    NZ, NT,                   # (B, N) fp32 clamped row norms
+    MEAN_PART,                # (B, n_parts, 2, E) fp32 out: this part's rows' sums of s and d, over N
+    N, E, rows_per_part,      # rows_per_part: a multiple of BLOCK_ROWS
+    stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
+    BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    part = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    s_sum = tl.zeros((BLOCK_ROWS, BLOCK_E), tl.float32)
+    d_sum = tl.zeros((BLOCK_ROWS, BLOCK_E), tl.float32)
+    for r0 in range(part * rows_per_part, tl.minimum(part * rows_per_part + rows_per_part, N), BLOCK_ROWS):
+        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < N
+        zn, tn = _normalized(Z + b * stride_zb + rows[:, None] * stride_zn + es[None, :] * stride_ze,
+                             T + b * stride_tb + rows[:, None] * stride_tn + es[None, :] * stride_te,
+                             row_ok[:, None] & e_ok[None, :],
+                             1.0 / tl.load(NZ + b * N + rows, mask=row_ok, other=1.0),
+                             1.0 / tl.load(NT + b * N + rows, mask=row_ok, other=1.0))
+        s_sum += zn + tn
+        d_sum += zn - tn
+    out = MEAN_PART + (b * tl.num_programs(0) + part) * 2 * E + es
+    tl.store(out, tl.sum(s_sum, 0) / N, mask=e_ok)
+    tl.store(out + E, tl.sum(d_sum, 0) / N, mask=e_ok)
+
+
+@triton.jit
 def _gram_kernel(
-    X, Y,                     # (B, N, E) inputs, any strides: the product is Xn^T Yn (E x E)
-    NX, NY,                   # (B, N) fp32 clamped row norms of X and Y
-    M,                        # (B, 2E, E) compute dtype: rows m_row_start.. get m_scale * Xn^T Yn (STORE)
-    LOSS_PART,                # (B, n_loss_parts) fp32: loss_weight * sum of squares, one per program
-    N, E, loss_offset, n_loss_parts, m_row_start, m_scale, loss_weight,
-    stride_xb, stride_xn, stride_xe, stride_yb, stride_yn, stride_ye,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, SYMMETRIC: tl.constexpr, STORE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Z, T,                     # (B, N, E) inputs, any strides
+    NZ, NT,                   # (B, N) fp32 clamped row norms
+    MEANS,                    # (B, 2, E) fp32: column means of S and of D
+    M,                        # (B, 2E, E) operand type out: m_scale ([D^T S + D^T D; S^T S + S^T D] - R)
+    LOSS_PART,                # (B, n_tiles^2) fp32: per program, its tile pair's share of the sum
+    N, E, m_scale,
+    stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(E, BLOCK)
     tile_a = pid // n_tiles
     tile_b = pid % n_tiles
-    if SYMMETRIC:
-        if tile_b < tile_a:
-            return
-    ea = tile_a * BLOCK + tl.arange(0, BLOCK)
-    eb = tile_b * BLOCK + tl.arange(0, BLOCK)
+    # S^T S and D^T D are symmetric, S^T D = (D^T S)^T: tile (b, a) has tile (a, b)'s loss
+    # summand and transposed blocks, so only tiles b >= a run and they write both halves of M.
+    if tile_b < tile_a:
+        return
+    operand = M.dtype.element_ty
+    # One GEMM [S_a | D_a]^T [S_b | D_b] gives the four blocks [[SS, SD], [DS, DD]]: each side
+    # reads its features twice (the second time from cache), adding tn, then subtracting it.
+    lanes = tl.arange(0, 2 * BLOCK)
+    sign = tl.where(lanes < BLOCK, 1.0, -1.0)
+    ea = tile_a * BLOCK + lanes % BLOCK
+    eb = tile_b * BLOCK + lanes % BLOCK
     ea_ok = ea < E
     eb_ok = eb < E
-    acc = tl.zeros((BLOCK, BLOCK), tl.float32)
+    z_sample = Z + b * stride_zb
+    t_sample = T + b * stride_tb
+    acc = tl.zeros((2 * BLOCK, 2 * BLOCK), tl.float32)
     for k0 in range(0, N, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < N
-        # Both row normalisations folded into the X operand: x_k / (||x_k|| ||y_k||).
-        w = 1.0 / (tl.load(NX + b * N + ks, mask=k_ok, other=1.0) * tl.load(NY + b * N + ks, mask=k_ok, other=1.0))
-        x = tl.load(X + b * stride_xb + ks[:, None] * stride_xn + ea[None, :] * stride_xe,
-                    mask=k_ok[:, None] & ea_ok[None, :], other=0.0)
-        y = tl.load(Y + b * stride_yb + ks[:, None] * stride_yn + eb[None, :] * stride_ye,
-                    mask=k_ok[:, None] & eb_ok[None, :], other=0.0)
-        xw = (x.to(tl.float32) * w[:, None]).to(y.dtype)
-        acc = tl.dot(tl.trans(xw), y, acc, input_precision=PRECISION)
-    weight = loss_weight
-    if SYMMETRIC:
-        weight = tl.where(tile_b > tile_a, 2.0 * loss_weight, loss_weight)
-    tl.store(LOSS_PART + b * n_loss_parts + loss_offset + pid, tl.sum(tl.sum(acc * acc, 1), 0) * weight)
-    if STORE:
-        m = (acc * m_scale).to(M.dtype.element_ty)
-        m_sample = M + b * 2 * E * E + m_row_start * E
-        mask = ea_ok[:, None] & eb_ok[None, :]
-        tl.store(m_sample + ea[:, None] * E + eb[None, :], m, mask=mask)
-        if SYMMETRIC:
-            if tile_b > tile_a:
-                tl.store(m_sample + eb[None, :] * E + ea[:, None], m, mask=mask)
+        inv_nz = 1.0 / tl.load(NZ + b * N + ks, mask=k_ok, other=1.0)
+        inv_nt = 1.0 / tl.load(NT + b * N + ks, mask=k_ok, other=1.0)
+        zn_a, tn_a = _normalized(z_sample + ks[:, None] * stride_zn + ea[None, :] * stride_ze,
+                                 t_sample + ks[:, None] * stride_tn + ea[None, :] * stride_te,
+                                 k_ok[:, None] & ea_ok[None, :], inv_nz, inv_nt)
+        zn_b, tn_b = _normalized(z_sample + ks[:, None] * stride_zn + eb[None, :] * stride_ze,
+                                 t_sample + ks[:, None] * stride_tn + eb[None, :] * stride_te,
+                                 k_ok[:, None] & eb_ok[None, :], inv_nz, inv_nt)
+        x_a = (zn_a + tn_a * sign[None, :]).to(operand)
+        x_b = (zn_b + tn_b * sign[None, :]).to(operand)
+        acc = tl.dot(tl.trans(x_a), x_b, acc, input_precision=PRECISION)
+    # quadrants[r, c, i, j] = acc[i BLOCK + r, j BLOCK + c]; split takes the last axis.
+    quadrants = tl.permute(tl.reshape(acc, (2, BLOCK, 2, BLOCK)), (1, 3, 0, 2))
+    s_cols, d_cols = tl.split(quadrants)
+    ss, ds = tl.split(s_cols)
+    sd, dd = tl.split(d_cols)
+    weight = tl.where(tile_b > tile_a, 1.0, 0.5)      # (<S^T S, D^T D> + <S^T D, D^T S>) / 2
+    tl.store(LOSS_PART + b * n_tiles * n_tiles + pid, tl.sum(tl.sum(ss * dd + sd * ds, 1), 0) * weight)
+
+    # M = 2 [D^T Zn; S^T Zn] minus R = 2N [d_mean; s_mean] z_mean^T, its part along the rows'
+    # mean: when the rows share a direction that part dominates and its rounding would swamp
+    # the gradient; the rest is rounded, R goes back in fp32 in _gram_grad_kernel.
+    ra = tile_a * BLOCK + tl.arange(0, BLOCK)
+    rb = tile_b * BLOCK + tl.arange(0, BLOCK)
+    ra_ok = ra < E
+    rb_ok = rb < E
+    means = MEANS + b * 2 * E
+    s_mean_a = tl.load(means + ra, mask=ra_ok, other=0.0)
+    d_mean_a = tl.load(means + E + ra, mask=ra_ok, other=0.0)
+    s_mean_b = tl.load(means + rb, mask=rb_ok, other=0.0)
+    d_mean_b = tl.load(means + E + rb, mask=rb_ok, other=0.0)
+    z_mean_2n_a = (s_mean_a + d_mean_a) * N          # 2N z_mean, z_mean = (s_mean + d_mean) / 2
+    z_mean_2n_b = (s_mean_b + d_mean_b) * N
+    m_sample = M + b * 2 * E * E
+    mask = ra_ok[:, None] & rb_ok[None, :]
+    m_ab = m_sample + ra[:, None] * E + rb[None, :]
+    tl.store(m_ab, ((ds + dd - d_mean_a[:, None] * z_mean_2n_b[None, :]) * m_scale).to(operand), mask=mask)
+    tl.store(m_ab + E * E, ((ss + sd - s_mean_a[:, None] * z_mean_2n_b[None, :]) * m_scale).to(operand), mask=mask)
+    if tile_b > tile_a:
+        m_ba = m_sample + rb[None, :] * E + ra[:, None]       # block (b, a), transposed
+        tl.store(m_ba, ((sd + dd - z_mean_2n_a[:, None] * d_mean_b[None, :]) * m_scale).to(operand), mask=mask)
+        tl.store(m_ba + E * E, ((ss + ds - z_mean_2n_a[:, None] * s_mean_b[None, :]) * m_scale).to(operand),
+                 mask=mask)
 
 
 @triton.jit
 def _gram_grad_kernel(
     Z, T,                     # (B, N, E) inputs, any strides
     NZ, NT,                   # (B, N) fp32 clamped row norms
-    M,                        # (B, 2E, E) compute dtype: [Zn^T Zn / N; -Tn^T Zn / N]
+    MEANS,                    # (B, 2, E) fp32: column means of S and of D
+    M,                        # (B, 2E, E) operand type: m_scale (M - R), see _gram_kernel
     G,                        # (B, chunk_rows, E) fp32 out: g rows of this chunk
     S_PART,                   # (B, n_e_tiles, N) fp32 out: per feature tile, <zn_i, g_i>
-    N, E, row_start, row_stop, scale,               # scale = 4 / (B N)
+    N, E, row_start, row_stop, m_scale, scale,      # scale = 1 / (B N^2)
     stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te, stride_gb, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
+    operand = M.dtype.element_ty
     n_e_tiles = tl.cdiv(E, BLOCK_E)
     tile_e = pid % n_e_tiles
     rows = row_start + (pid // n_e_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     es = tile_e * BLOCK_E + tl.arange(0, BLOCK_E)
     row_ok = rows < row_stop
     e_ok = es < E
-    nz = tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
-    nt = tl.load(NT + b * N + rows, mask=row_ok, other=1.0)
+    inv_nz = 1.0 / tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
+    inv_nt = 1.0 / tl.load(NT + b * N + rows, mask=row_ok, other=1.0)
+    z_rows = Z + b * stride_zb + rows[:, None] * stride_zn
+    t_rows = T + b * stride_tb + rows[:, None] * stride_tn
+    means = MEANS + b * 2 * E
     m_cols = M + b * 2 * E * E + es[None, :]
-    # g = [Zn | Tn] M over K = 2E; the row scales 1/||z||, 1/||t|| act on the accumulator: the
-    # Z half is brought to T's scale before the T half accumulates onto it.
+    # g = [S | D] (M - R) + [S | D] R: each step's S and D columns meet the matching rows of M's
+    # top and bottom halves; [S | D] R = 2N (S d_mean + D s_mean) z_mean^T, from the unrounded rows.
     acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    acc = _accumulate_rows_times(acc, Z + b * stride_zb + rows[:, None] * stride_zn, stride_ze, row_ok,
-                                 m_cols, E, e_ok, E, BLOCK_K, PRECISION)
-    acc = acc * (nt / nz)[:, None]
-    acc = _accumulate_rows_times(acc, T + b * stride_tb + rows[:, None] * stride_tn, stride_te, row_ok,
-                                 m_cols + E * E, E, e_ok, E, BLOCK_K, PRECISION)
-    g = acc * (scale / nt)[:, None]
+    along_mean = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, E, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < E
+        zn, tn = _normalized(z_rows + ks[None, :] * stride_ze, t_rows + ks[None, :] * stride_te,
+                             row_ok[:, None] & k_ok[None, :], inv_nz, inv_nt)
+        s = zn + tn
+        d = zn - tn
+        s_mean = tl.load(means + ks, mask=k_ok, other=0.0)
+        d_mean = tl.load(means + E + ks, mask=k_ok, other=0.0)
+        along_mean += tl.sum(s * d_mean[None, :] + d * s_mean[None, :], 1)
+        m_mask = k_ok[:, None] & e_ok[None, :]
+        acc = tl.dot(s.to(operand), tl.load(m_cols + ks[:, None] * E, mask=m_mask, other=0.0), acc,
+                     input_precision=PRECISION)
+        acc = tl.dot(d.to(operand), tl.load(m_cols + (E + ks)[:, None] * E, mask=m_mask, other=0.0), acc,
+                     input_precision=PRECISION)
+    z_mean_2n = (tl.load(means + es, mask=e_ok, other=0.0) + tl.load(means + E + es, mask=e_ok, other=0.0)) * N
+    g = (acc / m_scale + along_mean[:, None] * z_mean_2n[None, :]) * scale
     mask = row_ok[:, None] & e_ok[None, :]
-    z = tl.load(Z + b * stride_zb + rows[:, None] * stride_zn + es[None, :] * stride_ze, mask=mask, other=0.0)
-    tl.store(S_PART + (b * n_e_tiles + tile_e) * N + rows, tl.sum(z.to(tl.float32) * g, 1) / nz, mask=row_ok)
+    z = tl.load(z_rows + es[None, :] * stride_ze, mask=mask, other=0.0)
+    tl.store(S_PART + (b * n_e_tiles + tile_e) * N + rows, tl.sum(z.to(tl.float32) * g, 1) * inv_nz, mask=row_ok)
     tl.store(G + b * stride_gb + (rows - row_start)[:, None] * stride_gn + es[None, :], g, mask=mask)
 
 
@@ -334,6 +451,9 @@ def _gram_finish_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
 # configurations and launchers
 # ---------------------------------------------------------------------------------------------
 
@@ -347,11 +467,17 @@ class Tile:
     num_stages: int
 
 
-# Per element size, from large to small: the first whose grid fills the GPU is taken, else the
-# last. fp32 keeps 64-wide tiles (128-wide ones spill, with or without TF32).
+# Per operand size, from large to small: the first whose grid fills the GPU is taken, else the
+# last. TILES: the direct form's kernels; fp32 keeps 64-wide tiles (128-wide ones spill, with or
+# without TF32). GRAM_TILES: BLOCK features a side, a (2 BLOCK)^2 accumulator. GRAM_GRAD_TILES:
+# z and t both feed each step (fp32 z with 16-bit operands in the fused head), hence a shorter
+# BLOCK_K, to stay in an A100's shared memory.
 TILES = {2: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3)), 4: (Tile(64, 32, 4, 3),)}
+GRAM_TILES = {2: (Tile(64, 32, 8, 3), Tile(32, 32, 4, 3)), 4: (Tile(32, 16, 4, 3),)}
+GRAM_GRAD_TILES = {2: (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)), 4: (Tile(32, 32, 4, 3),)}
 ROW_BLOCK = dict(BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)     # _row_stats_kernel
 FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4)     # _gram_finish_kernel
+MEANS_BLOCK = dict(rows_per_part=512, BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)    # _column_means_kernel
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -360,15 +486,14 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def pick_tile(dtype: torch.dtype, device: torch.device, programs) -> Tile:
-    """The largest tile for which `programs(tile.block)` fills every multiprocessor, else the smallest."""
-    tiles = TILES[dtype.itemsize]
+def pick_tile(tiles: Tuple[Tile, ...], device: torch.device, programs) -> Tile:
+    """The largest of `tiles` for which `programs(tile.block)` fills every multiprocessor, else the smallest."""
     return next((tile for tile in tiles if programs(tile.block) >= _multiprocessors(device)), tiles[-1])
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(operand: torch.dtype) -> str:
     """fp32 tiles use TF32 only when torch's matmul precision allows it (DESIGN.md §5)."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if operand == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def row_chunks(tokens: int, max_rows: int, block: int) -> List[Tuple[int, int]]:
@@ -381,10 +506,10 @@ def row_chunks(tokens: int, max_rows: int, block: int) -> List[Tuple[int, int]]:
     return [(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
 
 
-def _row_stats(z, t, write_zn: bool, write_align_grad: bool):
+def _row_stats(z, t, operand: torch.dtype, write_zn: bool, write_align_grad: bool):
     batch, tokens, dim = z.shape
     nz, nt, cos = torch.empty((3, batch, tokens), device=z.device, dtype=torch.float32).unbind(0)
-    zn = torch.empty_like(z, memory_format=torch.contiguous_format) if write_zn else None
+    zn = torch.empty((batch, tokens, dim), device=z.device, dtype=operand) if write_zn else None
     ga = torch.empty_like(z, memory_format=torch.contiguous_format) if write_align_grad else None
     grid = (triton.cdiv(tokens, ROW_BLOCK["BLOCK_ROWS"]), batch)
     _row_stats_kernel[grid](z, t, nz, nt, cos, zn, ga, tokens, dim, -1.0 / (batch * tokens), *z.stride(), *t.stride(),
@@ -392,35 +517,39 @@ def _row_stats(z, t, write_zn: bool, write_align_grad: bool):
     return nz, nt, cos, zn, ga
 
 
-def _direct_sum(z, t, nz, nt, zn, grad_out):
-    """Sum over (b, i, j) of D_ij^2; with `grad_out`, also writes the input gradient into it."""
+def _direct_sum(z, t, nz, nt, zn, operand: torch.dtype, grad_out, z_normalized: bool):
+    """Sum over (b, i, j) of D_ij^2; with `grad_out`, also writes the input gradient into it.
+    `z_normalized`: the Zn Zn^T tiles read `zn` (a fp32 z in 16-bit operands) instead of z."""
     batch, tokens, dim = z.shape
     with_grad = grad_out is not None
-    tile = pick_tile(z.dtype, z.device, lambda block: batch * triton.cdiv(tokens, block) ** 2 // (1 if with_grad else 2))
+    tile = pick_tile(TILES[operand.itemsize], z.device,
+                     lambda block: batch * triton.cdiv(tokens, block) ** 2 // (1 if with_grad else 2))
     n_tiles = triton.cdiv(tokens, tile.block)
-    precision = dot_precision(z.dtype)
-    common = dict(BLOCK=tile.block, BLOCK_K=tile.block_k, PRECISION=precision, num_warps=tile.num_warps,
-                  num_stages=tile.num_stages)
+    precision = dot_precision(operand)
+    z_tiles = zn if z_normalized else z
+    common = dict(BLOCK=tile.block, BLOCK_K=tile.block_k, Z_NORMALIZED=z_normalized, PRECISION=precision,
+                  num_warps=tile.num_warps, num_stages=tile.num_stages)
     if not with_grad:
         parts = torch.zeros((batch, n_tiles * n_tiles), device=z.device, dtype=torch.float32)
         _direct_tiles_kernel[(n_tiles * n_tiles, batch)](
-            z, t, nz, nt, None, None, parts, tokens, dim, 0, tokens, 0, parts.shape[1], *z.stride(), *t.stride(), 0, 0,
-            WITH_GRAD=False, **common)
+            z_tiles, t, nz, nt, None, None, parts, tokens, dim, 0, tokens, 0, parts.shape[1], *z_tiles.stride(),
+            *t.stride(), 0, 0, WITH_GRAD=False, **common)
         return parts.sum(dtype=torch.float64)
 
     # The D slab holds fewer rows than N (and at most SCRATCH_ELEMENTS): never B x N x N.
     chunks = row_chunks(tokens, min(tokens - 1, SCRATCH_ELEMENTS // (batch * tokens)), tile.block)
     rows = chunks[0][1] - chunks[0][0]
-    slab = torch.empty((batch, rows, tokens), device=z.device, dtype=z.dtype)
+    slab = torch.empty((batch, rows, tokens), device=z.device, dtype=operand)
     s_parts = torch.empty((batch, n_tiles, tokens), device=z.device, dtype=torch.float32)
     programs = [triton.cdiv(stop - start, tile.block) * n_tiles for start, stop in chunks]
     parts = torch.empty((batch, sum(programs)), device=z.device, dtype=torch.float32)
-    grad_tile = pick_tile(z.dtype, z.device, lambda block: batch * triton.cdiv(rows, block) * triton.cdiv(dim, block))
+    grad_tile = pick_tile(TILES[operand.itemsize], z.device,
+                          lambda block: batch * triton.cdiv(rows, block) * triton.cdiv(dim, block))
     offset = 0
     for (start, stop), count in zip(chunks, programs):
         _direct_tiles_kernel[(count, batch)](
-            z, t, nz, nt, slab, s_parts, parts, tokens, dim, start, stop, offset, parts.shape[1],
-            *z.stride(), *t.stride(), *slab.stride()[:2], WITH_GRAD=True, **common)
+            z_tiles, t, nz, nt, slab, s_parts, parts, tokens, dim, start, stop, offset, parts.shape[1],
+            *z_tiles.stride(), *t.stride(), *slab.stride()[:2], WITH_GRAD=True, **common)
         grid = (triton.cdiv(stop - start, grad_tile.block) * triton.cdiv(dim, grad_tile.block), batch)
         _direct_grad_kernel[grid](
             slab, zn, z, nz, s_parts, grad_out, tokens, dim, start, stop, n_tiles, 4.0 / (batch * tokens * tokens),
@@ -431,33 +560,42 @@ def _direct_sum(z, t, nz, nt, zn, grad_out):
     return parts.sum(dtype=torch.float64)
 
 
-# The Gram form's three products Xn^T Yn: (X, Y, symmetric, loss weight, half of M receiving
-# sign * product / N or None). M = [Zn^T Zn; -Tn^T Zn] / N is stored even without a gradient
-# (2 E^2 per sample, small next to the inputs when this form is picked): one compiled variant less.
-GRAM_PRODUCTS = (("z", "z", True, 1.0, 0, 1.0), ("t", "z", False, -2.0, 1, -1.0), ("t", "t", True, 1.0, None, 1.0))
+def gram_m_scale(tokens: int) -> float:
+    """The power of two M - R is stored times: <= M_RANGE / N, so |entries| <= 4 M_RANGE."""
+    return 2.0 ** math.floor(math.log2(M_RANGE / tokens))
 
 
-def _gram_sum(z, t, nz, nt, grad_out):
-    """As `_direct_sum`, through the E x E products."""
+def _column_means(z, t, nz, nt):
+    """(B, 2, E) fp32: the column means of S = Zn + Tn and D = Zn - Tn, from the sums of parts of
+    rows_per_part rows (a grid that grows with N), added in order."""
     batch, tokens, dim = z.shape
-    with_grad = grad_out is not None
-    tile = pick_tile(z.dtype, z.device, lambda block: batch * triton.cdiv(dim, block) ** 2)
+    rows_per_part = MEANS_BLOCK["rows_per_part"]
+    n_parts = triton.cdiv(tokens, rows_per_part)
+    parts = torch.empty((batch, n_parts, 2, dim), device=z.device, dtype=torch.float32)
+    _column_means_kernel[(n_parts, triton.cdiv(dim, MEANS_BLOCK["BLOCK_E"]), batch)](
+        z, t, nz, nt, parts, tokens, dim, rows_per_part, *z.stride(), *t.stride(), BLOCK_ROWS=MEANS_BLOCK["BLOCK_ROWS"],
+        BLOCK_E=MEANS_BLOCK["BLOCK_E"], num_warps=MEANS_BLOCK["num_warps"])
+    return parts.sum(1)
+
+
+def _gram_sum(z, t, nz, nt, operand: torch.dtype, grad_out):
+    """As `_direct_sum`, through the E x E blocks of S = Zn + Tn and D = Zn - Tn."""
+    batch, tokens, dim = z.shape
+    tile = pick_tile(GRAM_TILES[operand.itemsize], z.device, lambda block: batch * triton.cdiv(dim, block) ** 2 // 2)
     n_tiles = triton.cdiv(dim, tile.block)
-    precision = dot_precision(z.dtype)
-    inputs = {"z": (z, nz), "t": (t, nt)}
-    m = torch.empty((batch, 2 * dim, dim), device=z.device, dtype=z.dtype)
-    parts = torch.zeros((batch, len(GRAM_PRODUCTS) * n_tiles * n_tiles), device=z.device, dtype=torch.float32)
-    for index, (x_name, y_name, symmetric, weight, m_half, sign) in enumerate(GRAM_PRODUCTS):
-        (x, n_x), (y, n_y) = inputs[x_name], inputs[y_name]
-        store = m_half is not None
-        _gram_kernel[(n_tiles * n_tiles, batch)](
-            x, y, n_x, n_y, m if store else None, parts, tokens, dim, index * n_tiles * n_tiles, parts.shape[1],
-            (m_half or 0) * dim, sign / tokens, weight, *x.stride(), *y.stride(),
-            BLOCK=tile.block, BLOCK_K=tile.block_k, SYMMETRIC=symmetric, STORE=store, PRECISION=precision,
-            num_warps=tile.num_warps, num_stages=tile.num_stages)
-    if with_grad:
+    precision = dot_precision(operand)
+    m_scale = gram_m_scale(tokens)
+    means = _column_means(z, t, nz, nt)
+    # M is written even without a gradient (2 E^2 per sample, small next to the inputs when
+    # this form is picked): one compiled variant less.
+    m = torch.empty((batch, 2 * dim, dim), device=z.device, dtype=operand)
+    parts = torch.zeros((batch, n_tiles * n_tiles), device=z.device, dtype=torch.float32)
+    _gram_kernel[(n_tiles * n_tiles, batch)](
+        z, t, nz, nt, means, m, parts, tokens, dim, m_scale, *z.stride(), *t.stride(), BLOCK=tile.block,
+        BLOCK_K=tile.block_k, PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if grad_out is not None:
         max_rows = SCRATCH_ELEMENTS // (batch * dim)
-        grad_tile = pick_tile(z.dtype, z.device,
+        grad_tile = pick_tile(GRAM_GRAD_TILES[operand.itemsize], z.device,
                               lambda block: batch * triton.cdiv(min(max_rows, tokens), block) * triton.cdiv(dim, block))
         n_e_tiles = triton.cdiv(dim, grad_tile.block)
         chunks = row_chunks(tokens, max_rows, grad_tile.block)
@@ -465,7 +603,7 @@ def _gram_sum(z, t, nz, nt, grad_out):
         s_parts = torch.empty((batch, n_e_tiles, tokens), device=z.device, dtype=torch.float32)
         for start, stop in chunks:
             _gram_grad_kernel[(triton.cdiv(stop - start, grad_tile.block) * n_e_tiles, batch)](
-                z, t, nz, nt, m, g, s_parts, tokens, dim, start, stop, 4.0 / (batch * tokens),
+                z, t, nz, nt, means, m, g, s_parts, tokens, dim, start, stop, m_scale, 1.0 / (batch * tokens * tokens),
                 *z.stride(), *t.stride(), *g.stride()[:2], BLOCK_M=grad_tile.block, BLOCK_E=grad_tile.block,
                 BLOCK_K=grad_tile.block_k, PRECISION=precision, num_warps=grad_tile.num_warps,
                 num_stages=grad_tile.num_stages)
@@ -475,27 +613,41 @@ def _gram_sum(z, t, nz, nt, grad_out):
     return parts.sum(dtype=torch.float64)
 
 
-def _check_dtypes(z: torch.Tensor, t: torch.Tensor) -> torch.dtype:
-    dtype = torch.promote_types(z.dtype, t.dtype)
-    if dtype not in COMPUTE_DTYPES:
+def half_operands(*dtypes: torch.dtype) -> bool:
+    """16-bit activations (the promoted dtype of the given ones is fp16 or bf16): fp16 operands."""
+    dtype = functools.reduce(torch.promote_types, dtypes)
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(z: torch.Tensor, t: torch.Tensor):
+    if torch.promote_types(z.dtype, t.dtype) not in COMPUTE_DTYPES:
         raise TypeError(f"the triton backend computes in float32, float16 or bfloat16; got projected {z.dtype} and "
                         f"target {t.dtype} (use backend='torch' for float64)")
-    return dtype
 
 
-def _losses_and_grads(z, t, with_grad: bool, with_align: bool):
+def _losses_and_grads(z, t, with_grad: bool, with_align: bool, half: bool):
     """One row pass (norms computed once, shared by both losses), then the cheaper form.
+    `half` (16-bit activations: t 16-bit, z 16-bit or the fused head's fp32 projection): fp16
+    operands, raw inputs read in their own dtype; else (or with a fp32 t) everything in fp32.
     Returns (alignment loss, manifold loss, alignment gradient, manifold gradient); the gradients
-    are empty tensors where not asked for."""
-    dtype = _check_dtypes(z, t)
+    are empty tensors where not asked for, else in z's dtype."""
+    _check_dtypes(z, t)
     z_dtype = z.dtype
-    z, t = z.to(dtype), t.to(dtype)
+    half = half and t.dtype != torch.float32
+    if not half:
+        z, t = z.float(), t.float()
+    operand = torch.float16 if half else torch.float32
     batch, tokens, dim = z.shape
     gram = use_gram_form(tokens, dim)
-    nz, nt, cos, zn, align_grad = _row_stats(z, t, write_zn=with_grad and not gram,
+    # A fp32 z meets 16-bit operands only normalised: the direct form's tiles then read zn.
+    z_normalized = not gram and half and z.dtype == torch.float32
+    nz, nt, cos, zn, align_grad = _row_stats(z, t, operand, write_zn=not gram and (with_grad or z_normalized),
                                              write_align_grad=with_grad and with_align)
     grad = torch.empty_like(z, memory_format=torch.contiguous_format) if with_grad else None
-    total = _gram_sum(z, t, nz, nt, grad) if gram else _direct_sum(z, t, nz, nt, zn, grad)
+    if gram:
+        total = _gram_sum(z, t, nz, nt, operand, grad)
+    else:
+        total = _direct_sum(z, t, nz, nt, zn, operand, grad, z_normalized)
     as_input = lambda g: z.new_empty((0,), dtype=z_dtype) if g is None else g.to(z_dtype)
     return (-cos.sum(dtype=torch.float64) / (batch * tokens)).float(), (total / (batch * tokens * tokens)).float(), \
         as_input(align_grad), as_input(grad)
@@ -510,13 +662,13 @@ def _grad_shape(z: torch.Tensor, with_grad: bool) -> torch.Tensor:
 
 
 @torch.library.custom_op("repa_fast::triton_manifold_loss", mutates_args=())
-def _manifold_op(z: torch.Tensor, t: torch.Tensor, with_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    _, manifold, _, grad = _losses_and_grads(z, t, with_grad, with_align=False)
+def _manifold_op(z: torch.Tensor, t: torch.Tensor, with_grad: bool, half: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    _, manifold, _, grad = _losses_and_grads(z, t, with_grad, with_align=False, half=half)
     return manifold, grad
 
 
 @_manifold_op.register_fake
-def _(z, t, with_grad):
+def _(z, t, with_grad, half):
     return z.new_empty((), dtype=torch.float32), _grad_shape(z, with_grad)
 
 
@@ -526,27 +678,27 @@ def _save_grads(ctx, inputs, output):
 
 def _manifold_backward(ctx, grad_loss, _):
     (grad,) = ctx.saved_tensors
-    return grad * grad_loss, None, None
+    return grad * grad_loss, None, None, None
 
 
 _manifold_op.register_autograd(_manifold_backward, setup_context=_save_grads)
 
 
 @torch.library.custom_op("repa_fast::triton_urepa_losses", mutates_args=())
-def _urepa_op(z: torch.Tensor, t: torch.Tensor, with_grad: bool) \
+def _urepa_op(z: torch.Tensor, t: torch.Tensor, with_grad: bool, half: bool) \
         -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _losses_and_grads(z, t, with_grad, with_align=True)
+    return _losses_and_grads(z, t, with_grad, with_align=True, half=half)
 
 
 @_urepa_op.register_fake
-def _(z, t, with_grad):
+def _(z, t, with_grad, half):
     loss = z.new_empty((), dtype=torch.float32)
     return loss, loss.clone(), _grad_shape(z, with_grad), _grad_shape(z, with_grad)
 
 
 def _urepa_backward(ctx, grad_align, grad_manifold, _, __):
     align_grad, manifold_grad = ctx.saved_tensors
-    return align_grad * grad_align + manifold_grad * grad_manifold, None, None
+    return align_grad * grad_align + manifold_grad * grad_manifold, None, None, None
 
 
 _urepa_op.register_autograd(_urepa_backward, setup_context=_save_grads)
@@ -562,15 +714,16 @@ def _wants_grad(z: torch.Tensor) -> bool:
 
 def manifold_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean over (b, i, j) of (<zn_bi, zn_bj> - <tn_bi, tn_bj>)^2 for (B, N, E) inputs; fp32."""
-    return _manifold_op(projected, target, _wants_grad(projected))[0]
+    half = half_operands(projected.dtype, target.dtype)
+    return _manifold_op(projected, target, _wants_grad(projected), half)[0]
 
 
 def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps):
     """(cosine alignment loss, manifold loss) of one projection, normalised once. The projection
-    comes back in fp32; both losses run in the activations' dtype (tensor cores for bf16/fp16)."""
+    comes back in fp32 and stays so (its gradient is far below fp16's range); with 16-bit
+    activations both losses use fp16 tensor-core operands formed from it."""
     z, t = aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)
-    z = z.to(torch.promote_types(hidden.dtype, t.dtype))
-    align, manifold, _, _ = _urepa_op(z, t, _wants_grad(z))
+    align, manifold, _, _ = _urepa_op(z, t, _wants_grad(z), half_operands(hidden.dtype, t.dtype))
     return align, manifold
 
 
@@ -578,61 +731,84 @@ def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan,
 # ahead-of-time compile specs (tests/aot_compile.py): every configuration the launchers pick
 # ---------------------------------------------------------------------------------------------
 
+# (z, t) dtypes as the launchers pass them: fp32 throughout, one 16-bit dtype (manifold_loss),
+# or the fused head's fp32 projection with a 16-bit target. The operand type follows t.
+INPUT_DTYPES = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                (torch.float32, torch.float16), (torch.float32, torch.bfloat16))
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FLOAT_SCALARS = {"align_scale", "scale", "m_scale", "loss_weight"}
-_FP32_POINTERS = {"NZ", "NT", "COS", "NX", "NY", "S_PART", "LOSS_PART", "G"}
+_FLOAT_SCALARS = {"align_scale", "scale", "m_scale"}
 _SIZES = {"N", "E"}
+# Pointer arguments by what they hold: z's dtype, t's, the operand type; any other is fp32.
+_POINTER_ROLES = {"Z": "z", "GA": "z", "OUT": "z", "T": "t", "ZN": "operand", "D": "operand", "M": "operand"}
 
 
-def _spec(name, fn, dtype, constexprs, num_warps, num_stages, tensor_cores):
-    """Signature from the kernel's argument names: upper case = pointer (fp32 for the row
-    statistics, partials and g, else the compute dtype) except the sizes N, E; the rest i32 or
-    fp32 scalars. Feature strides are 1, as the JIT specialises them for contiguous rows."""
+def _operand(t_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if t_dtype == torch.float32 else torch.float16
+
+
+def _spec(name, fn, dtypes, constexprs, num_warps, num_stages, tensor_cores):
+    """Signature from the kernel's argument names: upper case = pointer (typed by its role in
+    `dtypes`, a dict z/t/operand -> dtype, else fp32) except the sizes N, E; the rest i32 or fp32
+    scalars. Feature strides are 1, as the JIT specialises them for contiguous rows."""
     constexprs = dict(constexprs, **{arg: 1 for arg in fn.arg_names if arg.startswith("stride_") and arg.endswith("e")})
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.isupper() and arg not in _SIZES:
-            signature[arg] = "*fp32" if arg in _FP32_POINTERS else "*" + _TRITON_DTYPES[dtype]
+            signature[arg] = "*" + _TRITON_DTYPES[dtypes.get(_POINTER_ROLES.get(arg), torch.float32)]
         else:
             signature[arg] = "fp32" if arg in _FLOAT_SCALARS else "i32"
     # What the JIT knows of aligned contiguous inputs with E % 16 == 0: 16-divisible pointers,
     # row strides and E (without it loads are not vectorised and not pipelined).
     attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
              if signature[arg] != "constexpr" and (signature[arg].startswith("*") or arg.startswith("stride_") or arg == "E")}
+    types = ",".join(f"{role}={_TRITON_DTYPES[dtype]}" for role, dtype in dtypes.items())
     label = ",".join(f"{k}={v}" for k, v in constexprs.items() if k != "EPS" and not k.startswith("stride_"))
-    return {"name": f"{name}[{_TRITON_DTYPES[dtype]},{label}]", "fn": fn, "signature": signature,
+    return {"name": f"{name}[{types},{label}]", "fn": fn, "signature": signature,
             "constexprs": constexprs, "attrs": attrs, "num_warps": num_warps, "num_stages": num_stages,
             "tensor_cores": tensor_cores}
 
 
 def aot_specs() -> List[dict]:
     specs = []
-    for dtype in COMPUTE_DTYPES:
+    for z_dtype, t_dtype in INPUT_DTYPES:
+        operand = _operand(t_dtype)
+        dtypes = dict(z=z_dtype, t=t_dtype, operand=operand)
         for write_zn in (False, True):
             for write_align_grad in (False, True):
-                specs.append(_spec("manifold_row_stats", _row_stats_kernel, dtype,
+                specs.append(_spec("manifold_row_stats", _row_stats_kernel, dtypes,
                                    dict(BLOCK_ROWS=ROW_BLOCK["BLOCK_ROWS"], BLOCK_E=ROW_BLOCK["BLOCK_E"], EPS=EPS,
                                         WRITE_ZN=write_zn, WRITE_ALIGN_GRAD=write_align_grad),
                                    ROW_BLOCK["num_warps"], 1, False))
-        specs.append(_spec("manifold_gram_finish", _gram_finish_kernel, dtype,
+        specs.append(_spec("manifold_column_means", _column_means_kernel, dtypes,
+                           dict(BLOCK_ROWS=MEANS_BLOCK["BLOCK_ROWS"], BLOCK_E=MEANS_BLOCK["BLOCK_E"]),
+                           MEANS_BLOCK["num_warps"], 1, False))
+        specs.append(_spec("manifold_gram_finish", _gram_finish_kernel, dict(z=z_dtype),
                            dict(BLOCK_M=FINISH_BLOCK["BLOCK_M"], BLOCK_E=FINISH_BLOCK["BLOCK_E"], EPS=EPS),
                            FINISH_BLOCK["num_warps"], 1, False))
-        for precision in (("ieee", "tf32") if dtype == torch.float32 else ("tf32",)):
+        # The direct form's Zn Zn^T tiles read a fp32 z met by 16-bit operands as fp16 zn.
+        z_normalized = z_dtype == torch.float32 and operand != torch.float32
+        tiles_dtypes = dict(z=operand if z_normalized else z_dtype, t=t_dtype, operand=operand)
+        for precision in (("ieee", "tf32") if operand == torch.float32 else ("tf32",)):
             tensor_cores = precision != "ieee"
-            for tile in TILES[dtype.itemsize]:
+            for tile in TILES[operand.itemsize]:
                 gemm = dict(BLOCK_K=tile.block_k, PRECISION=precision)
                 for with_grad in (False, True):
-                    specs.append(_spec("manifold_direct_tiles", _direct_tiles_kernel, dtype,
-                                       dict(BLOCK=tile.block, WITH_GRAD=with_grad, **gemm),
+                    specs.append(_spec("manifold_direct_tiles", _direct_tiles_kernel, tiles_dtypes,
+                                       dict(BLOCK=tile.block, WITH_GRAD=with_grad, Z_NORMALIZED=z_normalized, **gemm),
                                        tile.num_warps, tile.num_stages, tensor_cores))
-                for symmetric, store in sorted({(sym, half is not None) for _, _, sym, _, half, _ in GRAM_PRODUCTS}):
-                    specs.append(_spec("manifold_gram", _gram_kernel, dtype,
-                                       dict(BLOCK=tile.block, SYMMETRIC=symmetric, STORE=store, **gemm),
-                                       tile.num_warps, tile.num_stages, tensor_cores))
-                for name, fn, extra in (("manifold_direct_grad", _direct_grad_kernel, dict(EPS=EPS)),
-                                        ("manifold_gram_grad", _gram_grad_kernel, {})):
-                    specs.append(_spec(name, fn, dtype, dict(BLOCK_M=tile.block, BLOCK_E=tile.block, **gemm, **extra),
-                                       tile.num_warps, tile.num_stages, tensor_cores))
-    return specs
+                specs.append(_spec("manifold_direct_grad", _direct_grad_kernel, dict(z=z_dtype, operand=operand),
+                                   dict(BLOCK_M=tile.block, BLOCK_E=tile.block, **gemm, EPS=EPS),
+                                   tile.num_warps, tile.num_stages, tensor_cores))
+            for tile in GRAM_TILES[operand.itemsize]:
+                specs.append(_spec("manifold_gram", _gram_kernel, dtypes,
+                                   dict(BLOCK=tile.block, BLOCK_K=tile.block_k, PRECISION=precision),
+                                   tile.num_warps, tile.num_stages, tensor_cores))
+            for tile in GRAM_GRAD_TILES[operand.itemsize]:
+                specs.append(_spec("manifold_gram_grad", _gram_grad_kernel, dtypes,
+                                   dict(BLOCK_M=tile.block, BLOCK_E=tile.block, BLOCK_K=tile.block_k,
+                                        PRECISION=precision),
+                                   tile.num_warps, tile.num_stages, tensor_cores))
+    # Kernels that do not read both inputs repeat across INPUT_DTYPES: one spec per name.
+    return list({spec["name"]: spec for spec in specs}.values())

@@ -81,24 +81,36 @@ class _DirectManifoldSum(torch.autograd.Function):
         return grad * (4.0 * grad_total), None
 
 
-def gram_manifold_sum(zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+class _GramManifoldSum(torch.autograd.Function):
     """sum over samples of ||Zn Zn^T - Tn Tn^T||_F^2 from E x E products only.
 
     With S = Zn + Tn and D = Zn - Tn, Zn Zn^T - Tn Tn^T = (S D^T + D S^T) / 2, so the sum is
-    (<S^T S, D^T D> + <S^T D, D^T S>) / 2: the same three GEMMs as the textbook
-    ||Z^T Z||^2 - 2 ||Z^T T||^2 + ||T^T T||^2, without its cancellation of large terms when the
-    rows share a direction or Zn is close to Tn (fp32 error 1e-3 -> 1e-7 on such inputs).
+    (<P, Q> + <R, R^T>) / 2 with P = S^T S, Q = D^T D, R = S^T D: the same three GEMMs as the
+    textbook ||Z^T Z||^2 - 2 ||Z^T T||^2 + ||T^T T||^2, without its cancellation of large terms
+    when the rows share a direction or Zn is close to Tn (fp32 error 1e-3 -> 1e-7 on such
+    inputs). The gradient 4 (Zn Zn^T - Tn Tn^T) Zn = [S | D] @ [R^T + Q ; P + R] is one more GEMM
+    in the forward; backward only scales it.
     """
-    s, d = zn + tn, zn - tn
-    st = s.transpose(1, 2)
-    cross = st @ d
-    return 0.5 * ((st @ s) * (d.transpose(1, 2) @ d)).sum() + 0.5 * (cross * cross.transpose(1, 2)).sum()
+
+    @staticmethod
+    def forward(ctx, zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+        s, d = zn + tn, zn - tn
+        st = s.transpose(1, 2)
+        p, q, r = st @ s, d.transpose(1, 2) @ d, st @ d
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.cat([s, d], 2) @ torch.cat([r.transpose(1, 2) + q, p + r], 1))
+        return 0.5 * ((p * q).sum() + (r * r.transpose(1, 2)).sum())
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None
 
 
 def _manifold_of_normalized(zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
     batch, tokens, dim = zn.shape
     if use_gram_form(tokens, dim):
-        total = gram_manifold_sum(zn, tn)
+        total = _GramManifoldSum.apply(zn, tn)
     else:
         total = _DirectManifoldSum.apply(zn, tn)
     return total / (batch * tokens * tokens)

@@ -246,8 +246,7 @@ def test_large_n_direct_manifold_form_is_chunked(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", [b for b in rf.available_backends("cuda") if b != "torch"]
-                         if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_backends_never_allocate_b_n_n(backend):
     inputs = projection_inputs(2, 64 * 64, 256, 4096, 384, device="cuda", dtype=torch.bfloat16)
     leaves = {k: v.clone().requires_grad_(k != "target") for k, v in inputs.items()}

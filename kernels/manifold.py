@@ -190,6 +190,18 @@ def _direct_tiles_kernel(
 
 
 @triton.jit
+def _chunk_tile(E, row_start, row_stop, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's sample, rows of the chunk [row_start, row_stop) and features, with masks:
+    grid (row tiles x feature tiles, B)."""
+    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    n_e_tiles = tl.cdiv(E, BLOCK_E)
+    rows = row_start + (pid // n_e_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    es = (pid % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
+    return b, rows, rows < row_stop, es, es < E
+
+
+@triton.jit
 def _store_input_gradient(OUT, g, s, Z, NZ, b, rows, row_ok, es, e_ok, N, E,
                           stride_zb, stride_zn, stride_ze, EPS: tl.constexpr):
     """OUT[b, rows, es] = F.normalize's backward of g: (g - zn <zn, g>) / ||z|| where the norm
@@ -238,13 +250,7 @@ def _direct_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(0)
-    n_e_tiles = tl.cdiv(E, BLOCK_E)
-    rows = row_start + (pid // n_e_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    es = (pid % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
-    row_ok = rows < row_stop
-    e_ok = es < E
+    b, rows, row_ok, es, e_ok = _chunk_tile(E, row_start, row_stop, BLOCK_M, BLOCK_E)
     acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     acc = _accumulate_rows_times(acc, D + b * stride_db + (rows - row_start)[:, None] * stride_dn, 1, row_ok,
                                  ZN + b * N * E + es[None, :], E, e_ok, N, BLOCK_K, PRECISION)
@@ -437,13 +443,7 @@ def _gram_finish_kernel(
     stride_gb, stride_gn, stride_zb, stride_zn, stride_ze,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, EPS: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(0)
-    n_e_tiles = tl.cdiv(E, BLOCK_E)
-    rows = row_start + (pid // n_e_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    es = (pid % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
-    row_ok = rows < row_stop
-    e_ok = es < E
+    b, rows, row_ok, es, e_ok = _chunk_tile(E, row_start, row_stop, BLOCK_M, BLOCK_E)
     g = tl.load(G + b * stride_gb + (rows - row_start)[:, None] * stride_gn + es[None, :],
                 mask=row_ok[:, None] & e_ok[None, :], other=0.0)
     s = _sum_row_partials(S_PART, b, rows, row_ok, N, n_s_parts)

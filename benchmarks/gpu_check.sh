@@ -6,7 +6,7 @@
 #   3. bench: `repa-fast info`, then `repa-fast bench --device cuda` on the DESIGN.md §5 cases.
 # Output folder: $1, else $OUT, else ./gpu_out. It receives build.log, tests.log, bench.log,
 # results.json, results.csv, plot.png and summary.json (7 files, nothing deeper). Each stage has
-# its own time limit (build 180 s, tests 90 s, bench 180 s: 7.5 min in all) and a failed or
+# its own time limit (build 150 s, tests 150 s, bench 150 s: 7.5 min in all) and a failed or
 # timed-out stage does not stop the next; summary.json records each stage's exit code and seconds.
 # The exit code is 0 only when every stage passed.
 set -uo pipefail
@@ -27,12 +27,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND under a time limit, outp
     stages+=("$name:$rc:$((SECONDS - start)):$limit")
 }
 
-stage build 180 env REPA_FAST_BUILD_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -v -e .
-stage tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests
+stage build 150 env REPA_FAST_BUILD_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -v -e .
+stage tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests
 # The runner stops starting measurements after --time-budget seconds (skipped rows) and rewrites
 # results.json/csv after every row, so even a timeout keeps what was measured.
-stage bench 180 bash -c 'python3 -m repa_fast.cli info; echo
-    exec python3 -m repa_fast.cli bench --device cuda --cases design --time-budget 130 --out "$0"' "$out"
+stage bench 150 bash -c 'python3 -m repa_fast.cli info; echo
+    exec python3 -m repa_fast.cli bench --device cuda --cases design --time-budget 110 --out "$0"' "$out"
 
 python3 - "$out" "${stages[@]}" <<'PY'
 import datetime, json, subprocess, sys

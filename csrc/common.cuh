@@ -12,8 +12,6 @@
 
 namespace repa_fast {
 
-constexpr float NORMALIZE_EPS = 1e-12f;  // F.normalize's eps
-
 // Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }

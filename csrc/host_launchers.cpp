@@ -15,7 +15,6 @@
 namespace repa_fast {
 namespace {
 
-constexpr float NORMALIZE_EPS = 1e-12f;
 constexpr int DIRECT_BLOCK_ROWS = 16;  // small, so that small tests still sum several partials
 
 template <typename F>

@@ -19,6 +19,8 @@ enum class Scalar : int { f32 = 0, f16 = 1, bf16 = 2 };
 using Stream = void*;        // cudaStream_t
 using Status = const char*;  // nullptr, or what went wrong
 
+constexpr float NORMALIZE_EPS = 1e-12f;  // F.normalize's eps: v^ = v / max(||v||, NORMALIZE_EPS)
+
 // Rows of a (B, S, D) token tensor read in place: element (b, s, d) lives at b*sb + s*ss + d*sd,
 // so a (B, D, H, W) feature map's (B, H*W, D) view is read without a copy.
 struct TokenLayout {
@@ -77,8 +79,9 @@ Status cosine_rows_backward(Scalar dtype, const void* z, const void* t, const fl
 // matrix; with `grad` (B, N, E) float32 also grad_scale * (Zn Zn^T - Tn Tn^T) Zn. Without `grad`
 // only the tiles j >= i are computed (the matrix is symmetric). One block per (block_rows rows, b):
 // loss_partial holds B * ceil(N / block_rows) sums, summed by the caller.
-// manifold_direct_block_rows: the rows per block the kernel takes for this size on `device`, 0 when
-// the strip of differences it keeps in shared memory does not fit (use the Gram form).
+// manifold_direct_block_rows: the rows per block the kernel takes for this size on `device`; 0 for
+// rows that are not float16, or when the strip of differences it keeps in shared memory does not fit
+// (the caller then computes the direct form in chunks of rows through cuBLAS).
 int manifold_direct_block_rows(Scalar dtype, int64_t tokens, bool with_grad, int device);
 Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld, int64_t batch, int64_t tokens,
                        int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,

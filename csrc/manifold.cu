@@ -1,7 +1,7 @@
 // The manifold loss in its direct form, tiled, for float16 normalized rows on tensor cores (WMMA
 // 16x16x16, float32 accumulation); the rows of float16 and bfloat16 activations are normalized into
-// float16, whose 10-bit mantissa keeps the differences of nearly equal similarities 8x more exact. It never stores an N x N matrix outside one block's
-// shared memory.
+// float16, whose 10-bit mantissa keeps the differences of nearly equal similarities 8x more exact.
+// It never stores an N x N matrix outside one block's shared memory.
 //
 // A block owns BM rows i of one sample. Phase 1 walks the column tiles j: the tile of
 // differences D_ij = zn_i.zn_j - tn_i.tn_j (BM x BN) is accumulated over the features in one
@@ -27,6 +27,8 @@ constexpr int BK = 32;  // features per phase-1 step
 constexpr int NK = 32;  // tokens per phase-2 step
 constexpr int PAD = 8;  // elements added to each shared row: spreads rows over banks, keeps 16-byte rows
 
+using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
 __host__ __device__ constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 template <int BM>
@@ -41,6 +43,9 @@ struct Tiles {
       2 * ((2 * BM + 2 * BN) * OP_LD > NK * P2_LD ? (2 * BM + 2 * BN) * OP_LD : NK * P2_LD), 128);
   static_assert(FRAGS >= 1 && (BM / 16) * (BN / 16) % WARPS == 0, "whole accumulators per warp");
 
+  // Accumulator f of warp w holds the 16 x 16 tile at rows 16 * frag_row, columns 16 * frag_col of BM x BN.
+  __device__ static int frag_row(int w, int f) { return (w * FRAGS + f) / (BN / 16); }
+  __device__ static int frag_col(int w, int f) { return (w * FRAGS + f) % (BN / 16); }
   __host__ __device__ static int64_t strip_ld(int64_t tokens) { return round_up(tokens, BN) + PAD; }
   static int64_t smem_bytes(int64_t tokens, bool with_grad) {
     return SCRATCH_BYTES + OPERAND_BYTES + (with_grad ? 2 * int64_t(BM) * strip_ld(tokens) : 0);
@@ -78,6 +83,34 @@ __device__ __forceinline__ void load_tile(T* dst, int dst_ld, const T* __restric
   }
 }
 
+// acc += a (16 x 16, row-major, leading dimension lda) @ b (16 x 16 in `BLayout`, leading dimension ldb).
+template <typename BLayout, typename T>
+__device__ __forceinline__ void mma16(FragAcc& acc, const T* a, unsigned lda, const T* b, unsigned ldb) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_frag;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b_frag;
+  wmma::load_matrix_sync(a_frag, a, lda);
+  wmma::load_matrix_sync(b_frag, b, ldb);
+  wmma::mma_sync(acc, a_frag, b_frag, acc);
+}
+
+// Stores the warps' accumulators into `scratch` (BM x BN floats), then calls visit(r, c, value) for
+// every entry, spread over the block's threads. Ends with a barrier: scratch may be reused after it.
+template <int BM, typename Visit>
+__device__ __forceinline__ void visit_accumulators(const FragAcc* acc, float* scratch, Visit&& visit) {
+  using S = Tiles<BM>;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int f = 0; f < S::FRAGS; ++f)
+    wmma::store_matrix_sync(scratch + S::frag_row(warp, f) * 16 * S::SCRATCH_LD + S::frag_col(warp, f) * 16, acc[f],
+                            S::SCRATCH_LD, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < BM * S::BN; e += THREADS) {
+    const int r = e / S::BN, c = e % S::BN;
+    visit(r, c, scratch[r * S::SCRATCH_LD + c]);
+  }
+  __syncthreads();
+}
+
 // zn, tn: (B, N, E) with row stride ld; loss_partial: (B, gridDim.x); grad: (B, N, E) fp32 or null.
 // Grid: (ceil(N / BM), B). Dynamic shared memory: Tiles<BM>::smem_bytes(N, grad != null).
 template <typename T, int BM>
@@ -86,10 +119,6 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
                        float grad_scale, float* __restrict__ loss_partial, float* __restrict__ grad, bool vec) {
   using S = Tiles<BM>;
   constexpr int BN = S::BN;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-  using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
-  using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-  using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float reduce_scratch[32];
@@ -124,35 +153,20 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
       for (int kk = 0; kk < BK; kk += 16) {
 #pragma unroll
         for (int f = 0; f < S::FRAGS; ++f) {
-          const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
-          FragA a;
-          FragBCol bcol;
-          wmma::load_matrix_sync(a, a_z + fr * 16 * S::OP_LD + kk, S::OP_LD);
-          wmma::load_matrix_sync(bcol, b_z + fc * 16 * S::OP_LD + kk, S::OP_LD);
-          wmma::mma_sync(acc[f], a, bcol, acc[f]);
-          wmma::load_matrix_sync(a, a_t + fr * 16 * S::OP_LD + kk, S::OP_LD);
-          wmma::load_matrix_sync(bcol, b_t + fc * 16 * S::OP_LD + kk, S::OP_LD);
-          wmma::mma_sync(acc[f], a, bcol, acc[f]);
+          const int a_at = S::frag_row(warp, f) * 16 * S::OP_LD + kk, b_at = S::frag_col(warp, f) * 16 * S::OP_LD + kk;
+          mma16<wmma::col_major>(acc[f], a_z + a_at, S::OP_LD, b_z + b_at, S::OP_LD);
+          mma16<wmma::col_major>(acc[f], a_t + a_at, S::OP_LD, b_t + b_at, S::OP_LD);
         }
       }
       __syncthreads();
     }
-#pragma unroll
-    for (int f = 0; f < S::FRAGS; ++f) {
-      const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
-      wmma::store_matrix_sync(scratch + fr * 16 * S::SCRATCH_LD + fc * 16, acc[f], S::SCRATCH_LD, wmma::mem_row_major);
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
-      const int r = e / BN, c = e % BN;
+    visit_accumulators<BM>(acc, scratch, [&](int r, int c, float d) {
       const int64_t i = i0 + r, j = j0 + c;
       const bool valid = i < tokens && j < tokens;
-      const float d = scratch[r * S::SCRATCH_LD + c];
       const float weight = with_grad ? 1.f : (j > i ? 2.f : (j == i ? 1.f : 0.f));
       if (valid) loss += weight * d * d;
       if (with_grad) strip[r * strip_ld + j] = from_float<T>(valid ? d : 0.f);
-    }
-    __syncthreads();
+    });
   }
 
   // Phase 2: grad rows i = grad_scale * strip @ Zn, BN features at a time.
@@ -167,30 +181,17 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
 #pragma unroll
         for (int kk = 0; kk < NK; kk += 16) {
 #pragma unroll
-          for (int f = 0; f < S::FRAGS; ++f) {
-            const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
-            FragA a;
-            FragBRow brow;
-            wmma::load_matrix_sync(a, strip + fr * 16 * strip_ld + k0 + kk, static_cast<unsigned>(strip_ld));
-            wmma::load_matrix_sync(brow, b_k + kk * S::P2_LD + fc * 16, S::P2_LD);
-            wmma::mma_sync(acc[f], a, brow, acc[f]);
-          }
+          for (int f = 0; f < S::FRAGS; ++f)
+            mma16<wmma::row_major>(acc[f], strip + S::frag_row(warp, f) * 16 * strip_ld + k0 + kk,
+                                   static_cast<unsigned>(strip_ld), b_k + kk * S::P2_LD + S::frag_col(warp, f) * 16,
+                                   S::P2_LD);
         }
         __syncthreads();
       }
-#pragma unroll
-      for (int f = 0; f < S::FRAGS; ++f) {
-        const int tile = warp * S::FRAGS + f, fr = tile / (BN / 16), fc = tile % (BN / 16);
-        wmma::store_matrix_sync(scratch + fr * 16 * S::SCRATCH_LD + fc * 16, acc[f], S::SCRATCH_LD,
-                                wmma::mem_row_major);
-      }
-      __syncthreads();
-      for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
-        const int r = e / BN, c = e % BN;
+      visit_accumulators<BM>(acc, scratch, [&](int r, int c, float v) {
         const int64_t i = i0 + r, col = e0 + c;
-        if (i < tokens && col < dim) grad[(b * tokens + i) * dim + col] = grad_scale * scratch[r * S::SCRATCH_LD + c];
-      }
-      __syncthreads();
+        if (i < tokens && col < dim) grad[(b * tokens + i) * dim + col] = grad_scale * v;
+      });
     }
   }
 
@@ -198,26 +199,18 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
   if (threadIdx.x == 0) loss_partial[b * gridDim.x + blockIdx.x] = loss;
 }
 
-template <typename T, int BM>
-Status launch(const T* zn, const T* tn, int64_t ld, int64_t batch, int64_t tokens, int64_t dim, float grad_scale,
-              float* loss_partial, float* grad, cudaStream_t stream) {
+template <int BM>
+Status launch(const __half* zn, const __half* tn, int64_t ld, int64_t batch, int64_t tokens, int64_t dim,
+              float grad_scale, float* loss_partial, float* grad, cudaStream_t stream) {
   const int64_t bytes = Tiles<BM>::smem_bytes(tokens, grad != nullptr);
-  const auto kernel = manifold_direct_kernel<T, BM>;
+  const auto kernel = manifold_direct_kernel<__half, BM>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess) return cudaGetErrorString(err);
   const bool vec = ld % 8 == 0 && dim % 8 == 0 && reinterpret_cast<uintptr_t>(zn) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(tn) % 16 == 0;
   const dim3 grid(blocks_for(tokens, BM), static_cast<unsigned>(batch));
   kernel<<<grid, THREADS, bytes, stream>>>(zn, tn, ld, tokens, dim, grad_scale, loss_partial, grad, vec);
-  return nullptr;
-}
-
-int64_t smem_bytes(int block_rows, int64_t tokens, bool with_grad) {
-  switch (block_rows) {
-    case 64: return Tiles<64>::smem_bytes(tokens, with_grad);
-    case 32: return Tiles<32>::smem_bytes(tokens, with_grad);
-    default: return Tiles<16>::smem_bytes(tokens, with_grad);
-  }
+  return launch_status();
 }
 
 }  // namespace
@@ -229,31 +222,25 @@ int manifold_direct_block_rows(Scalar dtype, int64_t tokens, bool with_grad, int
     cudaGetLastError();  // clear a failed query; the caller takes another form
     return 0;
   }
-  const int64_t static_bytes = 1024;  // reduce_scratch, with room to spare
-  for (int block_rows : {64, 32, 16})
-    if (smem_bytes(block_rows, tokens, with_grad) + static_bytes <= max_bytes) return block_rows;
+  const int64_t budget = max_bytes - 1024;  // leaves the static shared memory (reduce_scratch) room to spare
+  if (Tiles<64>::smem_bytes(tokens, with_grad) <= budget) return 64;
+  if (Tiles<32>::smem_bytes(tokens, with_grad) <= budget) return 32;
+  if (Tiles<16>::smem_bytes(tokens, with_grad) <= budget) return 16;
   return 0;
 }
 
 Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld, int64_t batch, int64_t tokens,
                        int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
                        Stream stream) {
-  Status status = nullptr;
-  const auto run = [&](auto tag) {
-    using T = decltype(tag);
-    const T* z = static_cast<const T*>(zn);
-    const T* t = static_cast<const T*>(tn);
-    const auto s = static_cast<cudaStream_t>(stream);
-    switch (block_rows) {
-      case 64: status = launch<T, 64>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s); break;
-      case 32: status = launch<T, 32>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s); break;
-      case 16: status = launch<T, 16>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s); break;
-      default: status = "manifold_direct: block_rows must be 64, 32 or 16";
-    }
-  };
   if (dtype != Scalar::f16) return "manifold_direct: float16 rows only";
-  run(__half{});
-  return status != nullptr ? status : launch_status();
+  const auto z = static_cast<const __half*>(zn), t = static_cast<const __half*>(tn);
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (block_rows) {
+    case 64: return launch<64>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
+    case 32: return launch<32>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
+    case 16: return launch<16>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
+    default: return "manifold_direct: block_rows must be 64, 32 or 16";
+  }
 }
 
 }  // namespace repa_fast

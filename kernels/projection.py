@@ -119,9 +119,10 @@ def _grad_z_tile(DZ, Z, T, dz_offs, z_offs, t_offs, mask, alpha, beta,
 
 
 @triton.jit
-def _cosine_terms(zt, zz, tt, inv_rows):
-    """Per row, with F.normalize's clamp of norms at 1e-12: cos(z, t), and alpha, beta with
-    d(-mean cos)/dz = alpha * t + beta * z, and a bound on |dL/dz| (for operand scaling)."""
+def _store_cosine_terms(RowTerms, rows, mask, M, zt, zz, tt, inv_rows):
+    """From each row's <z,t>, |z|^2, |t|^2, with F.normalize's clamp of norms at 1e-12: RowTerms
+    (4, M) = cos(z, t), alpha, beta with d(-mean cos)/dz = alpha * t + beta * z, and a bound on
+    |dL/dz| (for operand scaling)."""
     z_len = tl.sqrt(zz)
     z_norm = tl.maximum(z_len, 1e-12)
     t_norm = tl.maximum(tl.sqrt(tt), 1e-12)
@@ -130,7 +131,10 @@ def _cosine_terms(zt, zz, tt, inv_rows):
     # the clamped norm is constant below 1e-12: no gradient through it there
     beta = tl.where(z_len > 1e-12, inv_rows * cos / (z_norm * z_norm), 0.0)
     bound = tl.abs(alpha) * tl.sqrt(tt) + tl.abs(beta) * z_len
-    return cos, alpha, beta, bound
+    tl.store(RowTerms + rows, cos, mask=mask)
+    tl.store(RowTerms + M + rows, alpha, mask=mask)
+    tl.store(RowTerms + 2 * M + rows, beta, mask=mask)
+    tl.store(RowTerms + 3 * M + rows, bound, mask=mask)
 
 
 # =============================================================================================
@@ -269,11 +273,7 @@ def _cosine_finish_kernel(RowSums, RowTerms,  # RowSums: (parts, 3, M) fp32; Row
         zt += tl.load(sums, mask=mask, other=0.0)
         zz += tl.load(sums + M, mask=mask, other=0.0)
         tt += tl.load(sums + 2 * M, mask=mask, other=0.0)
-    cos, alpha, beta, bound = _cosine_terms(zt, zz, tt, inv_rows)
-    tl.store(RowTerms + rows, cos, mask=mask)
-    tl.store(RowTerms + M + rows, alpha, mask=mask)
-    tl.store(RowTerms + 2 * M + rows, beta, mask=mask)
-    tl.store(RowTerms + 3 * M + rows, bound, mask=mask)
+    _store_cosine_terms(RowTerms, rows, mask, M, zt, zz, tt, inv_rows)
 
 
 @triton.jit
@@ -296,11 +296,7 @@ def _cosine_rows_kernel(Z, T, RowTerms,  # Z, T: (B, N, E) strided; RowTerms: (4
         zt += tl.sum(z * t, axis=1)
         zz += tl.sum(z * z, axis=1)
         tt += tl.sum(t * t, axis=1)
-    cos, alpha, beta, bound = _cosine_terms(zt, zz, tt, inv_rows)
-    tl.store(RowTerms + rows, cos, mask=row_mask)
-    tl.store(RowTerms + M + rows, alpha, mask=row_mask)
-    tl.store(RowTerms + 2 * M + rows, beta, mask=row_mask)
-    tl.store(RowTerms + 3 * M + rows, bound, mask=row_mask)
+    _store_cosine_terms(RowTerms, rows, row_mask, M, zt, zz, tt, inv_rows)
 
 
 @triton.jit
@@ -316,7 +312,7 @@ def _cosine_grad_kernel(Z, T, Alpha, Beta, DZ,  # Z, T: (B, N, E) strided; Alpha
     beta = tl.load(Beta + rows, mask=row_mask, other=0.0)
     z_offs = _row_offsets(rows, N, stride_zb, stride_zn)[:, None] + e[None, :] * stride_ze
     t_offs = _row_offsets(rows, N, stride_tb, stride_tn)[:, None] + e[None, :] * stride_te
-    dz, _ = _grad_z_tile(Z, Z, T, z_offs, z_offs, t_offs, mask, alpha[:, None], beta[:, None], True, True)
+    dz, _ = _grad_z_tile(Z, Z, T, z_offs, z_offs, t_offs, mask, alpha[:, None], beta[:, None], True, False)
     tl.store(DZ + rows.to(tl.int64)[:, None] * E + e[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -631,19 +627,10 @@ def _fold_params(ln_weight, ln_bias, proj_weight, proj_bias, dtype) -> Tuple[tor
 
 
 @functools.lru_cache(maxsize=64)
-def _taps_cpu(step: Resample) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather taps (dst tokens, K) of one resampling step; "mean" is one row of weight 1/n."""
-    if step.kind == "mean":
-        n = step.src_tokens
-        return torch.arange(n).view(1, n), torch.full((1, n), 1.0 / n, dtype=torch.float32)
-    return resample_taps(step)
-
-
-@functools.lru_cache(maxsize=64)
 def _adjoint_taps_cpu(step: Resample) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The transpose of `_taps_cpu`: per source token, the output tokens it feeds and their
+    """The transpose of `resample_taps`: per source token, the output tokens it feeds and their
     weights (src tokens, K'), duplicate pairs merged, zero weights dropped, padded with weight 0."""
-    index, weight = _taps_cpu(step)
+    index, weight = resample_taps(step)
     dst_tokens, src_tokens = step.dst_tokens, step.src_tokens
     dst = torch.arange(dst_tokens).repeat_interleave(index.shape[1])
     keys, inverse = torch.unique(index.flatten() * dst_tokens + dst, return_inverse=True)
@@ -663,7 +650,7 @@ def _adjoint_taps_cpu(step: Resample) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=64)
 def _device_taps(step: Resample, device: torch.device, adjoint: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    index, weight = (_adjoint_taps_cpu if adjoint else _taps_cpu)(step)
+    index, weight = (_adjoint_taps_cpu if adjoint else resample_taps)(step)
     return index.to(device), weight.to(device)
 
 
@@ -685,8 +672,8 @@ def _projected_rows(hidden, stats, xa) -> Tuple[torch.Tensor, torch.Tensor]:
     normalised resampled rows (statistics 0 and 1)."""
     if xa.numel() == 0:
         return hidden, stats
-    rows = xa.shape[0] * xa.shape[1]
-    identity = torch.stack([torch.zeros(rows, device=xa.device), torch.ones(rows, device=xa.device)])
+    identity = torch.zeros(2, xa.shape[0] * xa.shape[1], device=xa.device, dtype=torch.float32)
+    identity[1] = 1.0
     return xa, identity
 
 

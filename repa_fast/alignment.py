@@ -100,14 +100,16 @@ def _linear_taps(src: int, dst: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def resample_taps(step: Resample) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather form of a "linear" or "bilinear" step: `index` (dst_tokens, K) int64 into the
-    flat source tokens and `weight` (dst_tokens, K) float32, K = 2 or 4, so that
-    `out[n] = sum_k weight[n, k] * x[index[n, k]]`. Weights of each row sum to one."""
+    """Gather form of a step: `index` (dst_tokens, K) int64 into the flat source tokens and
+    `weight` (dst_tokens, K) float32 — K = 2 ("linear"), 4 ("bilinear") or the source count
+    ("mean", one row of 1/n) — so that `out[n] = sum_k weight[n, k] * x[index[n, k]]`. Weights of
+    each row sum to one."""
+    if step.kind == "mean":
+        count = step.src_tokens
+        return torch.arange(count).view(1, count), torch.full((1, count), 1.0 / count)
     if step.kind == "linear":
         index, weight = _linear_taps(step.src[0], step.dst[0])
         return index, weight.float()
-    if step.kind != "bilinear":
-        raise ValueError(f"resample_taps: no taps for a {step.kind!r} step")
     (h_src, w_src), (h_dst, w_dst) = step.src, step.dst
     row_index, row_weight = _linear_taps(h_src, h_dst)
     col_index, col_weight = _linear_taps(w_src, w_dst)

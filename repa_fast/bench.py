@@ -30,8 +30,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .bench_cases import (COMPILED, Case, Workload, all_cases, bench_backends, default_preset, make_workload,
-                          select_cases)
+from .bench_cases import (COMPILED, PRESETS, Case, Workload, all_cases, bench_backends, default_preset,
+                          make_workload, select_cases, synchronize)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 H100_BF16_TFLOPS = 797.0  # dense bf16 matmul measured on one H100 (DESIGN.md §5, GPU_LESS.md §4)
@@ -86,18 +86,13 @@ class Row:
 
 # ---------------------------------------------------------------------------- measuring
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_step(step: Callable[[], None], device: torch.device, quick: bool) -> List[float]:
     """Milliseconds of each timed call of `step`, after warm-up; as many calls as fit the budget."""
     step()  # warm-up (caches, lazy init, autotuning)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     step()
-    _sync(device)
+    synchronize(device)
     once = max(time.perf_counter() - start, 1e-6)
     count = int(min(MAX_SAMPLES, max(MIN_SAMPLES, (TIMED_SECONDS_QUICK if quick else TIMED_SECONDS) / once)))
     if device.type != "cuda":
@@ -139,7 +134,7 @@ def _cpu_allocation_peak(run: Callable[[], None]) -> int:
 def peak_memory_bytes(workload: Workload, device: torch.device) -> int:
     """Peak allocation above the inputs during one fwd+bwd (gradients included)."""
     workload.clear()
-    _sync(device)
+    synchronize(device)
     if device.type != "cuda":
         return _cpu_allocation_peak(workload.run)
     torch.cuda.reset_peak_memory_stats(device)
@@ -318,7 +313,6 @@ def write_plot(path: Path, rows: List[Row]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        from .bench_cases import PRESETS
         for name, preset in PRESETS.items():
             print(f"preset {name}: {len(preset())} cases")
         for case in all_cases():

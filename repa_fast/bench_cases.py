@@ -95,13 +95,13 @@ def _model_cases(batch: Optional[int], encoders: Sequence[str] = ()) -> List[Cas
             if encoders and encoder not in encoders:
                 continue
             about = f"{model} x {encoder}"
-            cases[f"{op}.{model}.{encoder}.b{b}"] = Case(f"{op}.{model}.{encoder}.b{b}", op, b, tokens, dim,
-                                                         target_tokens, target_dim, feature_map, about)
+            name = f"{op}.{model}.{encoder}.b{b}"
+            cases[name] = Case(name, op, b, tokens, dim, target_tokens, target_dim, feature_map, about)
             if op == "urepa":
                 aligned = min(tokens, target_tokens)
-                name = f"manifold.n{aligned}-e{target_dim}.b{b}"  # both resolutions may align alike
-                cases.setdefault(name, Case(name, "manifold", b, aligned, target_dim, aligned, target_dim,
-                                            about=f"U-REPA manifold term of {about}"))
+                manifold = f"manifold.n{aligned}-e{target_dim}.b{b}"  # both resolutions may align alike
+                cases.setdefault(manifold, Case(manifold, "manifold", b, aligned, target_dim, aligned, target_dim,
+                                                about=f"U-REPA manifold term of {about}"))
     return list(cases.values())
 
 
@@ -141,8 +141,8 @@ PRESETS: Dict[str, Callable[[], List[Case]]] = {
     "cpu": _cpu_cases,
     "design": _design_cases,
     "models": lambda: _model_cases(batch=None),
+    "gpu": lambda: _design_cases() + _model_cases(batch=None),
 }
-PRESETS["gpu"] = lambda: _design_cases() + _model_cases(batch=None)
 
 
 def all_cases() -> List[Case]:
@@ -218,6 +218,12 @@ def _loss_fn(op: str, backend: str) -> Callable[..., torch.Tensor]:
     return lambda *args: rf.manifold_loss(*args, backend=backend)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class Workload:
     """`run()`: one forward + backward, gradients written fresh (as after zero_grad(set_to_none=True)).
@@ -252,7 +258,6 @@ def make_workload(case: Case, backend: str, device: torch.device, dtype: torch.d
     if backend == COMPILED:
         start = time.perf_counter()
         workload.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         workload.compile_s = time.perf_counter() - start
     return workload

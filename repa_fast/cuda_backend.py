@@ -3,9 +3,9 @@ is described in repa_fast/backends.py).
 
 The extension is a library of ops, torch.ops.repa_fast.cuda_* (csrc/ops.cpp): LayerNorm, the
 token resampling, the projection GEMM (cuBLAS through ATen), the row-wise cosine and the manifold
-loss (a tiled tensor-core kernel for half-precision activations; else the direct form in chunks or
-the Gram form, through cuBLAS). setup.py builds it ahead of time
-(repa_fast/_cuda*.so); without that, it is built just in time, once, by
+loss (the Gram form through cuBLAS where it is cheaper; else the direct form, in a tiled
+tensor-core kernel for half-precision activations or in chunks through cuBLAS). setup.py builds it
+ahead of time (repa_fast/_cuda*.so); without that, it is built just in time, once, by
 torch.utils.cpp_extension.load (cached in torch's extension directory). When neither works,
 `unavailable_reason()` says why, one warning quotes the compiler's first error, and the other
 backends keep working.
@@ -160,13 +160,9 @@ def _cached_taps(code: Tuple[int, ...], device: torch.device, transposed: bool) 
     """CSR taps (offsets, index, weight) of a step on `device`: per output token its input tokens
     and weights, or, `transposed`, per input token the output tokens it feeds (the backward)."""
     step = _decode(code)
-    if step.kind == "mean":
-        count = step.src_tokens
-        index, weight = torch.arange(count).view(1, count), torch.full((1, count), 1.0 / count)
-    else:
-        index, weight = resample_taps(step)
+    index, weight = resample_taps(step)
     rows, taps = index.shape
-    index, weight = index.flatten(), weight.flatten().float()
+    index, weight = index.flatten(), weight.flatten()
     if transposed:
         order = torch.argsort(index, stable=True)
         offsets = torch.zeros(step.src_tokens + 1, dtype=torch.int64)

@@ -85,7 +85,8 @@ def test_plan_is_pure_shape_logic():
 
 @pytest.mark.parametrize("step", [Resample("bilinear", (8, 8), (5, 5)), Resample("bilinear", (5, 7), (9, 4)),
                                   Resample("bilinear", (3, 3), (3, 3)), Resample("linear", (30,), (13,)),
-                                  Resample("linear", (5,), (11,)), Resample("bilinear", (1, 1), (2, 3))])
+                                  Resample("linear", (5,), (11,)), Resample("bilinear", (1, 1), (2, 3)),
+                                  Resample("mean", (20,), (1,))])
 def test_taps_reproduce_interpolate(step):
     x = torch.randn(2, step.src_tokens, 6, dtype=torch.float64)
     index, weight = resample_taps(step)

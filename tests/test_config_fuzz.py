@@ -17,7 +17,7 @@ from repa_fast.schedule import SCHEDULE_PARAMS, SCHEDULERS, THRESHOLD_MODES
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 CONFIG_CLASSES = [pytest.param(rf.RepaConfig, id="RepaConfig"), pytest.param(rf.URepaConfig, id="URepaConfig")]
 VALID_KEYS = sorted(set(rf.RepaConfig.keys()) | set(rf.URepaConfig.keys()))
-# Past 2**1000 int -> float conversions overflow: test_huge_ints_beyond_float_range covers that.
+# Past 2**1000 int -> float conversions overflow: test_huge_ints_are_a_value_error covers that.
 BIG = 2 ** 1000
 
 keys = st.one_of(

@@ -22,14 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCHES = (80, 90)
 
 
-def load_build_description():
-    spec = importlib.util.spec_from_file_location("csrc_build", ROOT / "csrc" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = load_build_description()
+build = cuda_backend._build_description()
 
 
 def nvcc() -> str:
@@ -228,7 +221,7 @@ def test_prebuilt_library_is_used_unless_csrc_was_edited_since(monkeypatch, tmp_
     library.write_bytes(b"")
     spec = importlib.util.spec_from_file_location(build.EXTENSION, library)
     monkeypatch.setattr(cuda_backend.importlib.util, "find_spec", lambda name: spec if name == build.EXTENSION else None)
-    newest = max((ROOT / "csrc" / s).stat().st_mtime for s in build.SOURCES)
+    newest = max(path.stat().st_mtime for path in (ROOT / "csrc").iterdir())  # sources and headers
     os.utime(library, (newest + 10, newest + 10))
     assert cuda_backend._prebuilt_library() == str(library)
     os.utime(library, (newest - 10, newest - 10))

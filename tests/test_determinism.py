@@ -5,6 +5,7 @@ import torch
 
 import repa_fast as rf
 from parity import PROJECTION_ARGS, outputs_and_grads, projection_inputs
+from test_state import train_steps
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 CASES = [pytest.param(backend, device, id=f"{backend}-{device}")
@@ -85,13 +86,7 @@ def test_training_steps_are_bitwise_reproducible(backend, device, module_class):
         torch.manual_seed(0)
         module = module_class(12, 10, backend=backend).to(device)
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
-        logs = []
-        for hidden, target in batches:
-            loss, log = module(hidden, target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            logs.append(log)
+        logs = train_steps(module, optimizer, batches)
         return module.state_dict(), logs
 
     (state_a, logs_a), (state_b, logs_b) = run(), run()

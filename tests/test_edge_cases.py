@@ -10,7 +10,7 @@ import torch
 
 import repa_fast as rf
 from repa_fast import reference
-from parity import (PROJECTION_ARGS, LargestAllocation, assert_matches_reference, interpolate_tokens,
+from parity import (PROJECTION_ARGS, LargestAllocation, assert_matches_reference, cast, interpolate_tokens,
                     literal_projection, outputs_and_grads, projection_inputs, rel_err)
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -23,6 +23,11 @@ def half_dtypes(backend, device):
     if device == "cpu" and backend != "torch":
         return [torch.float16]
     return [torch.float16, torch.bfloat16]
+
+
+def random_pair(*shape, device):
+    """Projected and target tokens of one shape, standard normal."""
+    return {"projected": torch.randn(*shape, device=device), "target": torch.randn(*shape, device=device)}
 
 
 def correlated_target(inputs, hidden_grid, target_grid, noise=0.7):
@@ -103,9 +108,9 @@ def test_one_token(backend, device, hidden_tokens, target_tokens):
 @pytest.mark.parametrize("fn", [rf.cosine_alignment_loss, rf.manifold_loss], ids=["cosine", "manifold"])
 def test_one_feature_pair(backend, device, fn):
     """E = 1: every normalized row is +-1."""
-    inputs = {"projected": torch.randn(2, 7, 1, device=device), "target": torch.randn(2, 7, 1, device=device)}
+    inputs = random_pair(2, 7, 1, device=device)
     loss = fn(**inputs, backend=backend)
-    expected = fn(**{k: v.double() for k, v in inputs.items()}, backend="torch")
+    expected = fn(**cast(inputs, torch.float64), backend="torch")
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -122,7 +127,7 @@ def test_layer_norm_over_one_or_two_features(backend, device, hidden_dim):
     alignment_only = lambda **kwargs: rf.urepa_loss(**kwargs)[0]
     assert_matches_reference(alignment_only, inputs, backend=backend, grad_names=compared)
     manifold = rf.urepa_loss(**inputs, backend=backend)[1]
-    reference_manifold = rf.urepa_loss(**{k: v.double() for k, v in inputs.items()}, backend="torch")[1]
+    reference_manifold = rf.urepa_loss(**cast(inputs, torch.float64), backend="torch")[1]
     assert rel_err(manifold, reference_manifold) < 1e-5
     result = outputs_and_grads(rf.urepa_loss, inputs, PROJECTION_ARGS, backend=backend)
     assert all(torch.isfinite(value).all() for value in result.values())
@@ -132,7 +137,7 @@ def test_layer_norm_over_one_or_two_features(backend, device, hidden_dim):
 def test_no_gradient_needed(backend, device):
     """Evaluation, logging, a loss past its cutoff: no input requires grad, or grad mode is off."""
     inputs = projection_inputs(2, 9, 6, 4, 5, device=device)
-    pair = {"projected": torch.randn(2, 4, 5, device=device), "target": torch.randn(2, 4, 5, device=device)}
+    pair = random_pair(2, 4, 5, device=device)
     calls = {"repa": lambda: rf.repa_loss(**inputs, backend=backend),
              "urepa": lambda: torch.stack(rf.urepa_loss(**inputs, backend=backend)),
              "cosine": lambda: rf.cosine_alignment_loss(**pair, backend=backend),
@@ -271,8 +276,7 @@ def _poisoned(inputs, name, value, index=0):
 
 
 def _assert_nan_exactly_as_reference(fn, inputs, backend, grad_names, check_grads=True, **kwargs):
-    reference_result = outputs_and_grads(fn, {k: v.double() for k, v in inputs.items()}, grad_names,
-                                         backend="torch", **kwargs)
+    reference_result = outputs_and_grads(fn, cast(inputs, torch.float64), grad_names, backend="torch", **kwargs)
     result = outputs_and_grads(fn, inputs, grad_names, backend=backend, **kwargs)
     for key, ref in reference_result.items():
         if "/" not in key:   # a loss: NaN exactly where the reference is NaN, else close to it
@@ -301,7 +305,7 @@ def test_non_finite_input_gives_nan_loss(backend, device, value, fn, name):
 @pytest.mark.parametrize("fn", [rf.cosine_alignment_loss, rf.manifold_loss], ids=["cosine", "manifold"])
 @pytest.mark.parametrize("name", ["projected", "target"])
 def test_non_finite_pair_gives_nan_loss(backend, device, value, fn, name):
-    inputs = {"projected": torch.randn(2, 6, 5, device=device), "target": torch.randn(2, 6, 5, device=device)}
+    inputs = random_pair(2, 6, 5, device=device)
     result = _assert_nan_exactly_as_reference(fn, _poisoned(inputs, name, value, index=11), backend, ("projected",))
     assert torch.isnan(result["out0"])
 
@@ -323,10 +327,8 @@ def test_nan_in_a_token_the_resampling_skips(backend, device, row, poisons):
 FUNCTIONS = {
     "repa_loss": (rf.repa_loss, lambda device: projection_inputs(2, 9, 6, 4, 5, device=device)),
     "urepa_loss": (rf.urepa_loss, lambda device: projection_inputs(2, 9, 6, 4, 5, device=device)),
-    "cosine_alignment_loss": (rf.cosine_alignment_loss, lambda device: {
-        "projected": torch.randn(2, 4, 5, device=device), "target": torch.randn(2, 4, 5, device=device)}),
-    "manifold_loss": (rf.manifold_loss, lambda device: {
-        "projected": torch.randn(2, 4, 5, device=device), "target": torch.randn(2, 4, 5, device=device)}),
+    "cosine_alignment_loss": (rf.cosine_alignment_loss, lambda device: random_pair(2, 4, 5, device=device)),
+    "manifold_loss": (rf.manifold_loss, lambda device: random_pair(2, 4, 5, device=device)),
     "align_tokens": (lambda a, b, backend: rf.align_tokens(a, b), lambda device: {
         "a": torch.randn(2, 9, 6, device=device), "b": torch.randn(2, 4, 5, device=device)}),
 }

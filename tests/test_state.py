@@ -45,7 +45,8 @@ def _fresh(module_class, seed, **schedule):
     return module, torch.optim.Adam(module.parameters(), lr=5e-2)
 
 
-def _train(module, optimizer, batches):
+def train_steps(module, optimizer, batches):
+    """One optimizer step per (hidden, target) batch; the module's logs of each step."""
     logs = []
     for hidden, target in batches:
         loss, log = module(hidden, target)
@@ -69,17 +70,17 @@ def _assert_same_state(a: dict, b: dict):
 def test_resumed_training_equals_the_uninterrupted_run(module_class):
     batches = _batches(6)
     module, optimizer = _fresh(module_class, seed=0)
-    uninterrupted_logs = _train(module, optimizer, batches)
+    uninterrupted_logs = train_steps(module, optimizer, batches)
 
     first, first_optimizer = _fresh(module_class, seed=0)
-    _train(first, first_optimizer, batches[:3])
+    train_steps(first, first_optimizer, batches[:3])
     checkpoint = _saved({"module": first.state_dict(), "optimizer": first_optimizer.state_dict()})
     resumed, resumed_optimizer = _fresh(module_class, seed=1)   # other initial weights: the load must replace them
     state = _loaded(checkpoint)
     resumed.load_state_dict(state["module"])
     resumed_optimizer.load_state_dict(state["optimizer"])
     assert resumed.step_count == 3 and resumed.schedule.similarity_ema == first.schedule.similarity_ema
-    resumed_logs = _train(resumed, resumed_optimizer, batches[3:])
+    resumed_logs = train_steps(resumed, resumed_optimizer, batches[3:])
 
     assert resumed_logs == uninterrupted_logs[3:]
     assert resumed.step_count == module.step_count == 6
@@ -95,7 +96,7 @@ def test_permanent_latch_survives_a_checkpoint(module_class):
     """Any similarity >= -1 crosses this threshold: the first step latches the loss off for good."""
     latched, optimizer = _fresh(module_class, seed=0, similarity_threshold=-1.0, threshold_mode="permanent")
     batches = _batches(2)
-    logs = _train(latched, optimizer, batches[:1])
+    logs = train_steps(latched, optimizer, batches[:1])
     assert logs[0]["weight"] == 0.0 and latched.schedule.is_cut_off
     resumed, resumed_optimizer = _fresh(module_class, seed=0, similarity_threshold=-1.0, threshold_mode="permanent")
     resumed.load_state_dict(_loaded(_saved(latched.state_dict())))
@@ -110,7 +111,7 @@ def test_permanent_latch_survives_a_checkpoint(module_class):
 @pytest.mark.parametrize("module_class", LOSS_MODULES)
 def test_state_dict_holds_the_projector_and_the_schedule_state(module_class):
     module, optimizer = _fresh(module_class, seed=0)
-    _train(module, optimizer, _batches(2))
+    train_steps(module, optimizer, _batches(2))
     state = module.state_dict()
     assert set(state) == {"projector.0.weight", "projector.0.bias", "projector.1.weight", "projector.1.bias",
                           "_extra_state"}

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import repa_fast as rf  # noqa: E402
 from repa_fast import reference  # noqa: E402
-from repa_fast.alignment import plan_alignment  # noqa: E402
+from repa_fast.alignment import plan_alignment, resample_taps  # noqa: E402
 from repa_fast.kernels import projection  # noqa: E402
 from parity import (LargestAllocation, PROJECTION_ARGS, TOLERANCE, assert_matches_reference,  # noqa: E402
                     outputs_and_grads, projection_inputs, rel_err)
@@ -86,11 +86,13 @@ def test_projection_beyond_the_fp16_range_gives_a_nan_loss(dtype):
 
 def test_row_split_and_tile_counts_are_exercised():
     """The cases above reach the split weight-gradient path and multi-tile grids."""
+    batch, tokens, dim, _, encoder_dim, _ = CASES["row-split"]
     config = projection.GEMM_CONFIGS["dw", projection.operand_class(F32)]
-    _, splits = projection.dw_split(2 * 300, 13, 20, config, torch.device(DEVICE))
+    _, splits = projection.dw_split(batch * tokens, encoder_dim, dim, config, torch.device(DEVICE))
     assert splits > 1
+    batch, tokens, _, _, encoder_dim, _ = CASES["multi-tile"]
     fwd = projection.GEMM_CONFIGS["fwd", projection.operand_class(F32)]
-    assert 140 > fwd.block_m and 130 > fwd.block_n
+    assert batch * tokens > fwd.block_m and encoder_dim > fwd.block_n
 
 
 def _probe_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, *, backend, plan, probe):
@@ -151,16 +153,17 @@ def test_zero_norm_rows_give_finite_loss_and_gradients():
     assert_matches_reference(rf.repa_loss, inputs, backend="triton")
 
 
-def _run(inputs, **kwargs):
-    result = outputs_and_grads(rf.repa_loss, inputs, PROJECTION_ARGS, backend="triton", **kwargs)
-    return [result[key] for key in sorted(result)]
+def _assert_bitwise_reproducible(inputs, **kwargs):
+    """Two identical repa_loss calls give the same loss and gradients, bit for bit."""
+    first, second = (outputs_and_grads(rf.repa_loss, inputs, PROJECTION_ARGS, backend="triton", **kwargs)
+                     for _ in range(2))
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 @pytest.mark.parametrize("case", ["row-split", "square-grids-hidden-shrinks"])
 def test_results_are_bitwise_reproducible(case):
     inputs, kwargs = _case_inputs(case, F32, F32)
-    first, second = _run(inputs, **kwargs), _run(inputs, **kwargs)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    _assert_bitwise_reproducible(inputs, **kwargs)
 
 
 class LargestNewStorage(LargestAllocation):
@@ -259,19 +262,21 @@ def test_backend_dispatch_and_dtype_errors():
         rf.repa_loss(**{k: v.double() for k, v in inputs.items()}, backend="triton")
 
 
+def _dense_taps(index, weight, columns):
+    """The (rows, columns) float64 matrix of per-row taps: row r sums weight[r, k] at index[r, k]."""
+    dense = torch.zeros(index.shape[0], columns, dtype=torch.float64)
+    dense.index_put_((torch.arange(index.shape[0]).repeat_interleave(index.shape[1]), index.flatten()),
+                     weight.double().flatten(), accumulate=True)
+    return dense
+
+
 def test_adjoint_taps_transpose_the_resampling():
     """The backward's per-source taps are the exact transpose of the forward's gather taps."""
     for plan in (plan_alignment(36, 25), plan_alignment(21, 13), plan_alignment(24, 24, (4, 6), (6, 4)),
                  plan_alignment(20, 12, spatial_align=False), plan_alignment(64 * 64, 37 * 37)):
         step = plan.a
-        index, weight = projection._taps_cpu(step)
-        adj_index, adj_weight = projection._adjoint_taps_cpu(step)
-        dense = torch.zeros(step.dst_tokens, step.src_tokens, dtype=torch.float64)
-        dense.index_put_((torch.arange(step.dst_tokens).repeat_interleave(index.shape[1]), index.flatten()),
-                         weight.double().flatten(), accumulate=True)
-        adjoint = torch.zeros(step.src_tokens, step.dst_tokens, dtype=torch.float64)
-        adjoint.index_put_((torch.arange(step.src_tokens).repeat_interleave(adj_index.shape[1]), adj_index.flatten()),
-                           adj_weight.double().flatten(), accumulate=True)
+        dense = _dense_taps(*resample_taps(step), step.src_tokens)
+        adjoint = _dense_taps(*projection._adjoint_taps_cpu(step), step.dst_tokens)
         torch.testing.assert_close(adjoint, dense.t(), rtol=0, atol=1e-7)
 
 
@@ -292,8 +297,7 @@ def test_gpu_bf16_model_sizes_match_the_reference(case):
     inputs = projection_inputs(batch, hidden, dim, target, encoder_dim, dtype=torch.bfloat16,
                                feature_map=isinstance(hidden, tuple), device=DEVICE)
     assert_matches_reference(rf.repa_loss, inputs, backend="triton", **kwargs)
-    first, second = _run(inputs, **kwargs), _run(inputs, **kwargs)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    _assert_bitwise_reproducible(inputs, **kwargs)
 
 
 @pytest.mark.gpu

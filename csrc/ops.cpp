@@ -235,12 +235,10 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool n
     const double scale = std::ldexp(1.0, 12 - static_cast<int>(std::ceil(std::log2(static_cast<double>(tokens)))));
     return {loss, matmul_f32(pairs, rhs.mul_(scale).to(at::kHalf)).mul_(1.0 / (count * scale))};
   }
-  const Tensor zn = pairs.narrow(2, 0, dim), tn = pairs.narrow(2, dim, dim);
-  const auto squared = [](const Tensor& m) { return at::linalg_vector_norm(m).square(); };
+  Tensor grad = need_grad ? at::empty({batch, tokens, dim}, f32) : no_grad;
   const int block_rows = manifold_direct_block_rows(scalar_of(pairs), tokens, need_grad, pairs.get_device());
   if (block_rows > 0) {
     Tensor partial = at::empty({batch * ((tokens + block_rows - 1) / block_rows)}, f32);
-    Tensor grad = need_grad ? at::empty({batch, tokens, dim}, f32) : no_grad;
     const char* rows = static_cast<const char*>(pairs.data_ptr());
     check_ok(manifold_direct(scalar_of(pairs), rows, rows + dim * pairs.element_size(), 2 * dim, batch, tokens, dim,
                              static_cast<float>(4.0 / count), partial.data_ptr<float>(),
@@ -249,16 +247,19 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool n
     return {partial.sum() / count, grad};
   }
   // Chunks of rows i: (B, rows, N) float32 differences, at most 2^24 values (64 MiB) at a time.
+  const Tensor zn = pairs.narrow(2, 0, dim), tn = pairs.narrow(2, dim, dim);
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / (batch * tokens));
   Tensor total = at::zeros({}, f32);
-  Tensor grad = need_grad ? at::empty({batch, tokens, dim}, f32) : no_grad;
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t length = std::min(chunk, tokens - start);
     const Tensor diff = matmul_f32(zn.narrow(1, start, length), zn.transpose(1, 2))
                             .sub_(matmul_f32(tn.narrow(1, start, length), tn.transpose(1, 2)));
-    total.add_(squared(diff));
-    if (need_grad)
-      grad.narrow(1, start, length).copy_(matmul_f32(diff.mul_(4.0 / count).to(pairs.scalar_type()), zn));
+    total.add_(at::linalg_vector_norm(diff).square());
+    if (need_grad) {
+      // Round the differences (|diff| <= 2) to the rows' dtype first and scale the fp32 product
+      // after: scaled by 4 / (B N^2) first, fp16 values would land in subnormals or flush to 0.
+      grad.narrow(1, start, length).copy_(matmul_f32(diff.to(pairs.scalar_type()), zn).mul_(4.0 / count));
+    }
   }
   return {total / count, grad};
 }

@@ -49,7 +49,6 @@ summed in a fixed order, no atomics: the same inputs give bitwise the same loss 
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import List, Tuple
@@ -60,7 +59,7 @@ import triton.language as tl
 
 from repa_fast.reference import use_gram_form
 
-from .projection import aligned_projection
+from .projection import ACTIVATION_DTYPES, _num_sms, aligned_projection, operand_class, operand_dtype
 
 
 EPS = 1e-12                    # F.normalize's eps
@@ -390,15 +389,10 @@ def _gram_grad_kernel(
     stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te, stride_gb, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(0)
-    operand = M.dtype.element_ty
+    b, rows, row_ok, es, e_ok = _chunk_tile(E, row_start, row_stop, BLOCK_M, BLOCK_E)
     n_e_tiles = tl.cdiv(E, BLOCK_E)
-    tile_e = pid % n_e_tiles
-    rows = row_start + (pid // n_e_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    es = tile_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    row_ok = rows < row_stop
-    e_ok = es < E
+    tile_e = tl.program_id(0) % n_e_tiles
+    operand = M.dtype.element_ty
     inv_nz = 1.0 / tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
     inv_nt = 1.0 / tl.load(NT + b * N + rows, mask=row_ok, other=1.0)
     z_rows = Z + b * stride_zb + rows[:, None] * stride_zn
@@ -451,9 +445,6 @@ def _gram_finish_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # configurations and launchers
 # ---------------------------------------------------------------------------------------------
 
@@ -478,22 +469,17 @@ GRAM_GRAD_TILES = {2: (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)), 4: (Tile(32, 32
 ROW_BLOCK = dict(BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)     # _row_stats_kernel
 FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4)     # _gram_finish_kernel
 MEANS_BLOCK = dict(rows_per_part=512, BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)    # _column_means_kernel
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def pick_tile(tiles: Tuple[Tile, ...], device: torch.device, programs) -> Tile:
     """The largest of `tiles` for which `programs(tile.block)` fills every multiprocessor, else the smallest."""
-    return next((tile for tile in tiles if programs(tile.block) >= _multiprocessors(device)), tiles[-1])
+    return next((tile for tile in tiles if programs(tile.block) >= _num_sms(device)), tiles[-1])
 
 
 def dot_precision(operand: torch.dtype) -> str:
-    """fp32 tiles use TF32 only when torch's matmul precision allows it (DESIGN.md §5)."""
-    return "ieee" if operand == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+    """tl.dot's input_precision: fp32 tiles use TF32 only when torch's matmul precision allows it
+    (DESIGN.md §5), as the projection's GEMMs do; 16-bit operands ignore it."""
+    return "ieee" if operand_class(operand) == "ieee" else "tf32"
 
 
 def row_chunks(tokens: int, max_rows: int, block: int) -> List[Tuple[int, int]]:
@@ -613,14 +599,13 @@ def _gram_sum(z, t, nz, nt, operand: torch.dtype, grad_out):
     return parts.sum(dtype=torch.float64)
 
 
-def half_operands(*dtypes: torch.dtype) -> bool:
-    """16-bit activations (the promoted dtype of the given ones is fp16 or bf16): fp16 operands."""
-    dtype = functools.reduce(torch.promote_types, dtypes)
-    return dtype in (torch.float16, torch.bfloat16)
+def half_operands(activations: torch.dtype, target: torch.dtype) -> bool:
+    """16-bit activations (the promoted dtype of the two is fp16 or bf16): fp16 operands."""
+    return torch.promote_types(activations, target) in (torch.float16, torch.bfloat16)
 
 
 def _check_dtypes(z: torch.Tensor, t: torch.Tensor):
-    if torch.promote_types(z.dtype, t.dtype) not in COMPUTE_DTYPES:
+    if torch.promote_types(z.dtype, t.dtype) not in ACTIVATION_DTYPES:
         raise TypeError(f"the triton backend computes in float32, float16 or bfloat16; got projected {z.dtype} and "
                         f"target {t.dtype} (use backend='torch' for float64)")
 
@@ -629,8 +614,9 @@ def _losses_and_grads(z, t, with_grad: bool, with_align: bool, half: bool):
     """One row pass (norms computed once, shared by both losses), then the cheaper form.
     `half` (16-bit activations: t 16-bit, z 16-bit or the fused head's fp32 projection): fp16
     operands, raw inputs read in their own dtype; else (or with a fp32 t) everything in fp32.
-    Returns (alignment loss, manifold loss, alignment gradient, manifold gradient); the gradients
-    are empty tensors where not asked for, else in z's dtype."""
+    Returns (alignment loss, manifold loss, alignment gradient, manifold gradient); the alignment
+    loss is None without `with_align`, the gradients are empty tensors where not asked for, else
+    in z's dtype."""
     _check_dtypes(z, t)
     z_dtype = z.dtype
     half = half and t.dtype != torch.float32
@@ -648,9 +634,9 @@ def _losses_and_grads(z, t, with_grad: bool, with_align: bool, half: bool):
         total = _gram_sum(z, t, nz, nt, operand, grad)
     else:
         total = _direct_sum(z, t, nz, nt, zn, operand, grad, z_normalized)
+    align = (-cos.sum(dtype=torch.float64) / (batch * tokens)).float() if with_align else None
     as_input = lambda g: z.new_empty((0,), dtype=z_dtype) if g is None else g.to(z_dtype)
-    return (-cos.sum(dtype=torch.float64) / (batch * tokens)).float(), (total / (batch * tokens * tokens)).float(), \
-        as_input(align_grad), as_input(grad)
+    return align, (total / (batch * tokens * tokens)).float(), as_input(align_grad), as_input(grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,10 +728,6 @@ _SIZES = {"N", "E"}
 _POINTER_ROLES = {"Z": "z", "GA": "z", "OUT": "z", "T": "t", "ZN": "operand", "D": "operand", "M": "operand"}
 
 
-def _operand(t_dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if t_dtype == torch.float32 else torch.float16
-
-
 def _spec(name, fn, dtypes, constexprs, num_warps, num_stages, tensor_cores):
     """Signature from the kernel's argument names: upper case = pointer (typed by its role in
     `dtypes`, a dict z/t/operand -> dtype, else fp32) except the sizes N, E; the rest i32 or fp32
@@ -773,7 +755,7 @@ def _spec(name, fn, dtypes, constexprs, num_warps, num_stages, tensor_cores):
 def aot_specs() -> List[dict]:
     specs = []
     for z_dtype, t_dtype in INPUT_DTYPES:
-        operand = _operand(t_dtype)
+        operand = operand_dtype(t_dtype)
         dtypes = dict(z=z_dtype, t=t_dtype, operand=operand)
         for write_zn in (False, True):
             for write_align_grad in (False, True):

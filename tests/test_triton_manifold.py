@@ -29,7 +29,7 @@ def force_form(monkeypatch):
 @pytest.fixture
 def large_tiles(monkeypatch):
     """Makes the launchers take the first (largest) tile of each table: on the CPU, grids are tiny."""
-    monkeypatch.setattr(manifold, "_multiprocessors", lambda device: 1)
+    monkeypatch.setattr(manifold, "_num_sms", lambda device: 1)
 
 
 def _pair(batch, tokens, dim, dtype=torch.float32):
@@ -39,16 +39,16 @@ def _pair(batch, tokens, dim, dtype=torch.float32):
             "target": torch.randn(batch, tokens, dim, dtype=dtype, device=DEVICE)}
 
 
-def _aligned_pair(batch, tokens, dim, kind, dtype=torch.float32, device=DEVICE):
+def _aligned_pair(batch, tokens, dim, kind, dtype=torch.float32):
     """Inputs as after some training. "close": each projected row near its target row (noise
     0.05, cos ~ 0.999); "common": all rows near one direction (noise 0.3, pairwise cos ~ 0.92).
     The textbook Gram identity cancels catastrophically on both (fp32 loss errors 2e-5 and 1e-4)."""
     if kind == "close":
-        target = torch.randn(batch, tokens, dim, dtype=torch.float64, device=device)
+        target = torch.randn(batch, tokens, dim, dtype=torch.float64, device=DEVICE)
         projected = target + 0.05 * torch.randn_like(target)
     else:
-        direction = torch.randn(batch, 1, dim, dtype=torch.float64, device=device)
-        target = direction + 0.3 * torch.randn(batch, tokens, dim, dtype=torch.float64, device=device)
+        direction = torch.randn(batch, 1, dim, dtype=torch.float64, device=DEVICE)
+        target = direction + 0.3 * torch.randn(batch, tokens, dim, dtype=torch.float64, device=DEVICE)
         projected = direction + 0.3 * torch.randn_like(target)
     return {"projected": (0.01 * projected).to(dtype), "target": target.to(dtype)}
 
@@ -64,7 +64,7 @@ def _assert_manifold_matches(inputs, tolerance=None):
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("batch, tokens, dim", [
     (2, 37, 13),      # N below one tile, E odd
-    (3, 150, 21),     # N over several 64-tiles, not a multiple of one; several row chunks
+    (3, 150, 21),     # N over several 64-tiles, not a multiple of one; two D-slab row chunks (direct)
 ])
 def test_manifold_matches_reference(batch, tokens, dim, form, dtype, force_form):
     force_form(form)
@@ -97,7 +97,7 @@ def test_gram_m_scale_keeps_fp16_in_range():
 
 @pytest.mark.parametrize("form", FORMS)
 def test_manifold_large_tiles_match_reference(form, force_form, large_tiles):
-    """The 128-wide half-precision tiles, on N and E spanning two of them."""
+    """The first (largest) half-precision tile of each table, with N and E spanning more than one."""
     force_form(form)
     _assert_manifold_matches(_pair(2, 133, 129, torch.float16))
 
@@ -235,6 +235,19 @@ def test_auto_backend_picks_triton_for_cuda_tensors(monkeypatch):
     assert resolve_backend(None, torch.device("cuda")) is triton_backend
     assert triton_backend.manifold_loss is manifold.manifold_loss
     assert triton_backend.urepa_loss is manifold.urepa_loss
+
+
+def test_fp32_runs_after_tf32_is_set_through_the_new_api():
+    """torch.get_float32_matmul_precision() raises once fp32_precision = "tf32" is set: the kernels
+    must read the setting the way that works with both APIs."""
+    z, t = torch.randn(2, 37, 13, device=DEVICE), torch.randn(2, 37, 13, device=DEVICE)
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        value = rf.manifold_loss(z, t, backend="triton")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    assert rel_err(value, literal_manifold(z.double(), t.double())) <= 1e-3
 
 
 def test_float64_is_refused():

@@ -59,7 +59,7 @@ setup(
     version="0.1.0",
     description="Fused REPA / U-REPA representation-alignment losses for diffusion training",
     python_requires=">=3.11",
-    packages=["repa_fast", "repa_fast.kernels"],
+    packages=["repa_fast", "repa_fast.integrations", "repa_fast.cli", "repa_fast.kernels"],
     package_dir={"repa_fast": "repa_fast", "repa_fast.kernels": "kernels"},
     install_requires=["torch", "numpy"],
     extras_require=extras,

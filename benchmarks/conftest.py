@@ -1,5 +1,5 @@
 """pytest-benchmark suite options: which device, cases, backends and dtype. The case table is
-repa_fast.bench_cases, the one `repa-fast bench` uses.
+repa_fast.cli.bench_cases, the one `repa-fast bench` uses.
 
     pytest benchmarks --benchmark-only                          # cpu preset on CPU, gpu preset on CUDA
     pytest benchmarks --benchmark-only --bench-cases design     # DESIGN.md §5
@@ -7,8 +7,8 @@ repa_fast.bench_cases, the one `repa-fast bench` uses.
 """
 import pytest
 
-from repa_fast.bench import DTYPES, resolve_device, resolve_dtype
-from repa_fast.bench_cases import bench_backends, select_cases
+from repa_fast.cli.bench import DTYPES, resolve_device, resolve_dtype
+from repa_fast.cli.bench_cases import bench_backends, select_cases
 
 
 def pytest_addoption(parser):

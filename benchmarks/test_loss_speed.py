@@ -2,8 +2,8 @@
 torch.compile of the torch backend, one benchmark per (case, backend), grouped by case.
 No timing assertions: the numbers are the product. Peak memory and the GEMM floor go into
 each benchmark's extra_info (in --benchmark-json)."""
-from repa_fast.bench import peak_memory_bytes
-from repa_fast.bench_cases import make_workload, synchronize
+from repa_fast.cli.bench import peak_memory_bytes
+from repa_fast.cli.bench_cases import make_workload, synchronize
 
 
 def test_fwd_bwd(benchmark, case, backend, bench_device, bench_dtype):

@@ -1,12 +1,12 @@
 """repa-fast: fused REPA / U-REPA losses for diffusion training (DESIGN.md §2 is the API contract)."""
 from .alignment import AlignmentPlan, plan_alignment
 from .backends import BackendUnavailableError, available_backends
-from .capture import capture_transformer_block, capture_unet_mid_block
+from .integrations.capture import capture_transformer_block, capture_unet_mid_block
 from .config import RepaConfig, URepaConfig
-from .encoders import VisionEncoder
+from .integrations.encoders import VisionEncoder
 from .functional import align_tokens, cosine_alignment_loss, manifold_loss, repa_loss, urepa_loss
 from .modules import RepaLoss, RepaProjector, URepaLoss
-from .regularizers import RepaRegularizer, URepaRegularizer
+from .integrations.regularizers import RepaRegularizer, URepaRegularizer
 from .schedule import LambdaSchedule
 
 __version__ = "0.1.0"

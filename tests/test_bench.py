@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repa_fast import bench
-from repa_fast.bench_cases import COMPILED, PRESETS, Workload, bench_backends, select_cases
+from repa_fast.cli import bench
+from repa_fast.cli.bench_cases import COMPILED, PRESETS, Workload, bench_backends, select_cases
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CASES = ("manifold.n64-e384.b1", "urepa.sd15-512.dinov2-s-224.b1")

@@ -9,7 +9,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from repa_fast import capture_transformer_block, capture_unet_mid_block  # noqa: E402
-from repa_fast.capture import transformer_blocks  # noqa: E402
+from repa_fast.integrations.capture import transformer_blocks  # noqa: E402
 
 B, TEXT = 2, 5  # TEXT text tokens, never equal to an image-token count below
 

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from repa_fast import cli, demo  # noqa: E402
+from repa_fast import cli
+from repa_fast.cli import demo  # noqa: E402
 
 
 def test_demo_command_runs_and_summarizes(capsys):

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 from repa_fast import VisionEncoder  # noqa: E402
-from repa_fast.encoders import IMAGENET_MEAN, IMAGENET_STD, encoder_hub_id, pixels_from_latents  # noqa: E402
+from repa_fast.integrations.encoders import IMAGENET_MEAN, IMAGENET_STD, encoder_hub_id, pixels_from_latents  # noqa: E402
 
 REGISTERS = 4
 

@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 import diffusers  # noqa: E402
 
 import repa_fast as rf  # noqa: E402
-from repa_fast.encoders import pixels_from_latents  # noqa: E402
-from repa_fast.regularizers import default_block_index  # noqa: E402
+from repa_fast.integrations.encoders import pixels_from_latents  # noqa: E402
+from repa_fast.integrations.regularizers import default_block_index  # noqa: E402
 from test_capture import DITS, tiny_pixart, tiny_sd3, tiny_unet2d, tiny_unet2d_condition  # noqa: E402
 from test_encoders import tiny_autoencoder_kl, tiny_dinov2  # noqa: E402
 

@@ -19,9 +19,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import functional as rf
-from .alignment import plan_alignment
-from .backends import available_backends
+from .. import functional as rf
+from ..alignment import plan_alignment
+from ..backends import available_backends
 
 COMPILED = "torch.compile"  # torch.compile of the torch backend, benchmarked beside the backends
 UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # the seed's defaults; DESIGN §5's U-REPA case

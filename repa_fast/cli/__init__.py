@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import torch
 
-from . import __version__
-from .backends import BACKENDS, _why_not, triton_interpreter_active
+from .. import __version__
+from ..backends import BACKENDS, _why_not, triton_interpreter_active
 
 
 def _version_of(module: str) -> str:

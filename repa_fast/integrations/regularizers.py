@@ -25,11 +25,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .alignment import Grid
+from ..alignment import Grid
 from .capture import FeatureCapture, capture_transformer_block, capture_unet_mid_block, check_block_index, unwrap_model
-from .config import RepaConfig, URepaConfig
+from ..config import RepaConfig, URepaConfig
 from .encoders import VisionEncoder, pixels_from_latents
-from .modules import RepaLoss, URepaLoss
+from ..modules import RepaLoss, URepaLoss
 
 # The seed's recommended crepa_block_index: 8 (Flux, SD3, Chroma), 10 for Sana and PixArt.
 DEFAULT_BLOCK_INDEX = 8

@@ -1,7 +1,7 @@
 """benchmark the losses (fwd+bwd) on every backend and torch.compile: table, JSON, CSV, plot
 
 `repa-fast bench --device cpu --quick` measures the quick preset; `--cases` takes presets (see
-`repa_fast.bench_cases.PRESETS`), case names or patterns; `--list` shows them. Method
+`repa_fast.cli.bench_cases.PRESETS`), case names or patterns; `--list` shows them. Method
 (BENCHMARKS.md has it in full):
 - time: CUDA events around each step, L2 flushed before each, on a GPU; `time.perf_counter`
   around each step on a CPU; median and p20/p80 of the samples, after warm-up;

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import backend_name
+from ..backends import backend_name
 
 IMAGE_SIZE = 32
 DATASET_SIZE = 256
@@ -153,7 +153,7 @@ def _trend(history: List[Dict[str, float]], key: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import BackendUnavailableError, RepaRegularizer, URepaRegularizer, VisionEncoder
+    from .. import BackendUnavailableError, RepaRegularizer, URepaRegularizer, VisionEncoder
 
     if args.steps < 1 or args.batch_size < 1:
         raise SystemExit("--steps and --batch-size must be >= 1")

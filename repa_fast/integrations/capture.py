@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .alignment import Grid
+from ..alignment import Grid
 
 # Position of the image tokens in the tuples these diffusers blocks return (by class name, so
 # diffusers need not be imported). Other tuple-returning blocks: the element shaped like the

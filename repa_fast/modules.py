@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .alignment import Grid
+from .alignment import Grid, check_token_alignment
 from .backends import check_backend
 from .functional import repa_loss, urepa_loss
 from .schedule import LambdaSchedule
@@ -74,11 +74,12 @@ class _ScheduledAlignmentLoss(nn.Module):
     mean over ranks (one all-reduce per training step), so every rank cuts off at the same step.
     """
 
-    def __init__(self, hidden_dim: int, encoder_dim: int, schedule, backend: Optional[str]):
+    def __init__(self, hidden_dim: int, encoder_dim: int, schedule, backend: Optional[str], token_alignment: str):
         super().__init__()
         self.projector = RepaProjector(hidden_dim, encoder_dim)
         self.schedule = _as_schedule(schedule)
         self.backend = check_backend(backend)
+        self.token_alignment = check_token_alignment(token_alignment)
         self.step_count = 0
 
     log_names: Tuple[str, ...]  # one per loss term, in the order _losses returns them
@@ -127,20 +128,21 @@ class RepaLoss(_ScheduledAlignmentLoss):
     """REPA for DiTs: `loss = weight(step) * L_align`; logs alignment, similarity, weight.
 
     `schedule`: a LambdaSchedule, a number (constant lambda) or None (constant 0.5, the seed's
-    default).
+    default). `token_alignment`: "grid" or "sequence" (SimpleTuner's rule), as `repa_loss`.
     """
 
     log_names = ("alignment",)
 
     def __init__(self, hidden_dim: int, encoder_dim: int, *, schedule=None, spatial_align: bool = True,
-                 backend: Optional[str] = None):
-        super().__init__(hidden_dim, encoder_dim, schedule, backend)
+                 backend: Optional[str] = None, token_alignment: str = "grid"):
+        super().__init__(hidden_dim, encoder_dim, schedule, backend, token_alignment)
         self.spatial_align = check_flag("spatial_align", spatial_align)
 
     def _losses(self, hidden, target, hidden_grid, target_grid):
         return (repa_loss(hidden, target, *self.projector.loss_args(), hidden_grid=hidden_grid,
                           target_grid=target_grid, spatial_align=self.spatial_align,
-                          ln_eps=self.projector.norm.eps, backend=self.backend),)
+                          ln_eps=self.projector.norm.eps, backend=self.backend,
+                          token_alignment=self.token_alignment),)
 
     def _term_weights(self):
         return (1.0,)
@@ -153,8 +155,8 @@ class URepaLoss(_ScheduledAlignmentLoss):
     log_names = ("alignment", "manifold")
 
     def __init__(self, hidden_dim: int, encoder_dim: int, *, manifold_weight: float = 3.0, schedule=None,
-                 backend: Optional[str] = None):
-        super().__init__(hidden_dim, encoder_dim, schedule, backend)
+                 backend: Optional[str] = None, token_alignment: str = "grid"):
+        super().__init__(hidden_dim, encoder_dim, schedule, backend, token_alignment)
         if isinstance(manifold_weight, bool) or not isinstance(manifold_weight, (int, float)) \
                 or not math.isfinite(manifold_weight) or manifold_weight < 0:
             raise ValueError(f"manifold_weight must be a number >= 0, got {manifold_weight!r}")
@@ -162,7 +164,8 @@ class URepaLoss(_ScheduledAlignmentLoss):
 
     def _losses(self, hidden, target, hidden_grid, target_grid):
         return urepa_loss(hidden, target, *self.projector.loss_args(), hidden_grid=hidden_grid,
-                          target_grid=target_grid, ln_eps=self.projector.norm.eps, backend=self.backend)
+                          target_grid=target_grid, ln_eps=self.projector.norm.eps, backend=self.backend,
+                          token_alignment=self.token_alignment)
 
     def _term_weights(self):
         return (1.0, self.manifold_weight)

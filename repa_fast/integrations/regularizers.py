@@ -55,7 +55,6 @@ class _Regularizer(nn.Module):
     """Shared by both regularizers: pixels -> encoder tokens -> the scheduled loss."""
 
     config_class: type
-    encoder_key: str  # the config field naming the encoder
 
     def __init__(self, config, model: nn.Module, loss: Optional[nn.Module], encoder: Optional[VisionEncoder],
                  vae: Optional[nn.Module]):
@@ -95,7 +94,7 @@ class _Regularizer(nn.Module):
                      encoder_kwargs: Optional[Mapping[str, Any]]) -> Tuple[VisionEncoder, Optional[nn.Module]]:
         """The encoder (loaded by the config's name when not given) and the VAE, checked."""
         if encoder is None:
-            name = getattr(config, cls.encoder_key)
+            name = config.encoder_name
             encoder = VisionEncoder.from_pretrained(name, config.encoder_image_size, **dict(encoder_kwargs or {}))
         elif not isinstance(encoder, VisionEncoder):
             raise TypeError(f"encoder must be a repa_fast.VisionEncoder, got {type(encoder).__name__}")
@@ -157,7 +156,6 @@ class RepaRegularizer(_Regularizer):
     tokens aligned to the encoder's patch tokens (`crepa_*` keys)."""
 
     config_class = RepaConfig
-    encoder_key = "encoder"
 
     @property
     def block_index(self) -> int:
@@ -170,7 +168,7 @@ class RepaRegularizer(_Regularizer):
                     hidden_dim: Optional[int] = None,
                     encoder_kwargs: Optional[Mapping[str, Any]] = None) -> "RepaRegularizer":
         """`config`: the trainer's config (keys without the `crepa_` prefix are ignored) or a
-        RepaConfig. `encoder`: default `VisionEncoder.from_pretrained(crepa_encoder,
+        RepaConfig. `encoder`: default `VisionEncoder.from_pretrained(crepa_model or crepa_encoder,
         crepa_encoder_image_size, **encoder_kwargs)`. `vae`: decodes `latents=` (not needed with
         `pixels=`). `hidden_dim`: the block's width, by default heads x head dim from the model's
         config. `max_train_steps`: for a decay schedule with `crepa_decay_steps` 0."""
@@ -187,7 +185,8 @@ class RepaRegularizer(_Regularizer):
         hidden_dim = _dit_width(inner) if hidden_dim is None else hidden_dim
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = RepaLoss(hidden_dim, encoder.dim, schedule=config.schedule(max_train_steps),
-                        spatial_align=config.spatial_align, backend=backend)
+                        spatial_align=config.spatial_align, backend=backend,
+                        token_alignment=config.token_alignment)
         return cls(config, model, loss, encoder, vae, block_index)
 
     def __init__(self, config: RepaConfig, model: nn.Module, loss: Optional[RepaLoss],
@@ -219,7 +218,6 @@ class URepaRegularizer(_Regularizer):
     patch tokens plus the manifold loss (`urepa_*` keys)."""
 
     config_class = URepaConfig
-    encoder_key = "model"
 
     @classmethod
     def from_config(cls, config: Union[Mapping[str, Any], URepaConfig], model: nn.Module, *,
@@ -246,7 +244,8 @@ class URepaRegularizer(_Regularizer):
             hidden_dim = int(channels[-1])
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = URepaLoss(hidden_dim, encoder.dim, manifold_weight=config.manifold_weight,
-                         schedule=config.schedule(max_train_steps), backend=backend)
+                         schedule=config.schedule(max_train_steps), backend=backend,
+                         token_alignment=config.token_alignment)
         return cls(config, model, loss, encoder, vae)
 
     def capture(self) -> contextlib.AbstractContextManager[FeatureCapture]:

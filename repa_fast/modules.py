@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -12,6 +13,10 @@ from .backends import check_backend
 from .functional import repa_loss, urepa_loss
 from .schedule import LambdaSchedule
 from .validation import as_tokens, check_eps, check_flag, check_projector, check_same_device
+
+
+# Where SimpleTuner keeps its projectors in the model's state dict.
+SIMPLETUNER_PROJECTOR_PREFIXES = ("crepa_projector.", "urepa_projector.")
 
 
 class RepaProjector(nn.Sequential):
@@ -40,6 +45,29 @@ class RepaProjector(nn.Sequential):
     def loss_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ln_weight, ln_bias, proj_weight, proj_bias) as the functional losses take them."""
         return self.norm.weight, self.norm.bias, self.linear.weight, self.linear.bias
+
+    def load_simpletuner_state_dict(self, state_dict: Mapping[str, torch.Tensor], *,
+                                    prefix: Optional[str] = None) -> None:
+        """Load a SimpleTuner projector: the keys under `prefix` (default: whichever of
+        `crepa_projector.` / `urepa_projector.` the dict has, so a whole model's state dict works)
+        or, when no key has it, the dict itself (`0.weight`, `0.bias`, `1.weight`, `1.bias`).
+        Missing, unexpected or mis-shaped keys are a ValueError."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+        prefixes = [prefix] if prefix is not None else list(SIMPLETUNER_PROJECTOR_PREFIXES)
+        found = [p for p in prefixes if any(isinstance(k, str) and k.startswith(p) for k in state_dict)]
+        if len(found) > 1:
+            raise ValueError(f"state_dict holds both {found[0]}* and {found[1]}* keys: pass prefix= to pick one")
+        if found:
+            state_dict = {k[len(found[0]):]: v for k, v in state_dict.items() if k.startswith(found[0])}
+        try:
+            self.load_state_dict(dict(state_dict), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"state_dict does not fit this projector: {err}") from err
+
+    def simpletuner_state_dict(self, prefix: str = "crepa_projector.") -> Dict[str, torch.Tensor]:
+        """The projector's state dict under SimpleTuner's keys (`crepa_projector.0.weight`, ...)."""
+        return {prefix + key: value for key, value in self.state_dict().items()}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, S, D) tokens or a (B, D, H, W) feature map -> (B, S or H*W, E) projections."""

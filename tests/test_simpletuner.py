@@ -288,3 +288,102 @@ def test_log_translation_matches_simpletuners_records():
                                                           "urepa_cutoff": True}
     with pytest.raises(ValueError, match="prefix"):
         simpletuner_logs("repa_", {"weight": 1.0})
+
+
+# ---------------------------------------------------------------- regularizers from SimpleTuner's config
+
+# Every key SimpleTuner 4.10.1's crepa.py reads, as a SimpleTuner user's config has them (None where
+# SimpleTuner's own test config has None), plus keys of the rest of the trainer.
+SIMPLETUNER_CONFIG = {
+    "learning_rate": 1e-4, "model_family": "sdxl",
+    "crepa_enabled": True, "crepa_block_index": 1, "crepa_lambda": 0.5, "crepa_encoder": "dinov2_vitg14",
+    "crepa_model": None, "crepa_encoder_image_size": 518, "crepa_spatial_align": True, "crepa_use_tae": False,
+    "crepa_drop_vae_encoder": False, "crepa_scheduler": "constant", "crepa_warmup_steps": 0, "crepa_decay_steps": 0,
+    "crepa_lambda_end": 0.0, "crepa_power": 1.0, "crepa_cutoff_step": 0, "crepa_similarity_threshold": None,
+    "crepa_similarity_ema_decay": 0.99, "crepa_threshold_mode": "permanent", "crepa_adjacent_distance": 2,
+    "crepa_adjacent_tau": 1.5, "crepa_cumulative_neighbors": True, "crepa_encoder_frames_batch_size": 8,
+    "crepa_normalize_by_frames": False, "crepa_normalize_neighbour_sum": True, "crepa_use_backbone_features": False,
+    "crepa_feature_source": None, "crepa_self_flow": False, "crepa_teacher_block_index": None,
+    "crepa_self_flow_mask_ratio": 0.1,
+    "irepa_enabled": False, "irepa_spatial_norm_alpha": 0.6, "irepa_projector_kernel_size": 3,
+    "urepa_enabled": True, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0, "urepa_model": None,
+    "urepa_encoder_image_size": None, "urepa_use_tae": False, "urepa_scheduler": "cosine", "urepa_warmup_steps": 1,
+    "urepa_decay_steps": 10, "urepa_lambda_end": 0.0, "urepa_power": 1.0, "urepa_cutoff_step": 0,
+    "urepa_similarity_threshold": None, "urepa_similarity_ema_decay": 0.99, "urepa_threshold_mode": "permanent",
+}
+
+
+def test_every_key_simpletuner_reads_is_accepted():
+    """The keys above are exactly those crepa.py reads (checked against its source), all accepted."""
+    import re
+    source = open(load_crepa().__file__).read()
+    read = set(re.findall(r'getattr\(config, "((?:crepa|urepa|irepa)_\w+)"', source))
+    config_keys = set(rf.RepaConfig.keys()) | set(rf.URepaConfig.keys())
+    assert read <= config_keys, read - config_keys
+    assert read <= set(SIMPLETUNER_CONFIG)
+    repa = rf.RepaConfig.from_dict(SIMPLETUNER_CONFIG, ignore_unrelated=True)
+    urepa = rf.URepaConfig.from_dict(SIMPLETUNER_CONFIG, ignore_unrelated=True)
+    assert (repa.encoder_name, urepa.encoder_name, urepa.encoder_image_size) == ("dinov2_vitg14",) * 2 + (518,)
+    # SimpleTuner's preferences: crepa_model over crepa_encoder; urepa_model, else crepa_model or crepa_encoder.
+    assert rf.RepaConfig.from_dict({"crepa_encoder": "dinov2_vits14", "crepa_model": "dinov2_vitb14"}) \
+        .encoder_name == "dinov2_vitb14"
+    assert rf.URepaConfig.from_dict({"crepa_encoder": "dinov2_vits14", "urepa_enabled": True},
+                                    ignore_unrelated=True).model == "dinov2_vits14"
+    assert rf.URepaConfig.from_dict({"crepa_model": "dinov2_vitb14", "urepa_model": "dinov2_vitl14"},
+                                    ignore_unrelated=True).model == "dinov2_vitl14"
+
+
+@pytest.mark.parametrize("key, value", [("crepa_self_flow", True), ("crepa_use_backbone_features", True),
+                                        ("crepa_feature_source", "backbone"), ("crepa_feature_source", "self_flow"),
+                                        ("crepa_teacher_block_index", 4), ("irepa_enabled", True)])
+def test_keys_that_change_the_loss_in_ways_not_implemented_are_an_error(key, value):
+    config_class = rf.RepaConfig if key.startswith("crepa_") else rf.URepaConfig
+    with pytest.raises(ValueError, match=f"{key}={value!r} is not supported"):
+        config_class.from_dict({key: value})
+    assert rf.RepaConfig.from_dict({"crepa_feature_source": "encoder"}).feature_source == "encoder"
+
+
+def test_bad_values_of_video_only_keys_are_still_an_error():
+    with pytest.raises(ValueError, match="crepa_adjacent_tau must be a finite number > 0"):
+        rf.RepaConfig.from_dict({"crepa_adjacent_tau": 0.0})
+    with pytest.raises(ValueError, match="irepa_projector_kernel_size must be a positive odd integer"):
+        rf.URepaConfig.from_dict({"irepa_projector_kernel_size": 4})
+    with pytest.raises(ValueError, match=r"'irepa_enable'.*did you mean 'irepa_enabled'"):
+        rf.URepaConfig.from_dict({"irepa_enable": False}, ignore_unrelated=True)
+
+
+def test_simpletuner_config_builds_regularizers_with_simpletuner_logs_and_checkpoints():
+    pytest.importorskip("diffusers")
+    from test_capture import tiny_sd3, tiny_unet2d
+    from test_regularizers import encoder, unet_step
+    unet, inputs = tiny_unet2d()
+    urepa = rf.URepaRegularizer.from_config(SIMPLETUNER_CONFIG, unet, encoder=encoder(), max_train_steps=10,
+                                            log_names="simpletuner")
+    pixels = torch.rand(2, 3, 16, 16)
+    _, (loss, logs) = unet_step(urepa, unet, inputs, pixels=pixels, step=0)   # warmup: weight 0
+    assert loss.item() == 0.0 and logs["urepa_cutoff"] is True and logs["urepa_weight"] == 0.0
+    _, (loss, logs) = unet_step(urepa, unet, inputs, pixels=pixels, step=1)
+    assert set(logs) == {"urepa_loss", "urepa_alignment_loss", "urepa_manifold_loss", "urepa_similarity",
+                         "urepa_weight", "urepa_cutoff"}
+    assert logs["urepa_loss"] == pytest.approx(loss.item(), rel=1e-6) and logs["urepa_cutoff"] is False
+    assert logs["urepa_similarity"] == -logs["urepa_alignment_loss"]
+
+    # A projector SimpleTuner saved with the UNet loads, and saves back in its form.
+    saved = urepa.simpletuner_state_dict()
+    assert set(saved) == {f"urepa_projector.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    fresh = rf.URepaRegularizer.from_config(SIMPLETUNER_CONFIG, unet, encoder=urepa.encoder, max_train_steps=10)
+    fresh.load_simpletuner_state_dict({**saved, "conv_in.weight": torch.zeros(1)})
+    for name, value in saved.items():
+        torch.testing.assert_close(fresh.projector.state_dict()[name.removeprefix("urepa_projector.")], value)
+
+    dit, dit_inputs, _ = tiny_sd3()
+    repa = rf.RepaRegularizer.from_config(SIMPLETUNER_CONFIG, dit, encoder=encoder(), log_names="simpletuner")
+    with repa.capture() as cap:
+        dit(**dit_inputs)
+    loss, logs = repa(cap, pixels=torch.rand(2, 3, 16, 16))
+    assert set(logs) == {"crepa_loss", "crepa_alignment_score", "crepa_similarity_self", "crepa_weight",
+                         "crepa_cutoff", "crepa_alignment_score_ema"}   # SimpleTuner's EMA runs without a threshold too
+    assert logs["crepa_loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert repa.simpletuner_prefix == "crepa_projector."
+    with pytest.raises(ValueError, match="log_names must be one of 'repa_fast', 'simpletuner'"):
+        rf.RepaRegularizer.from_config(SIMPLETUNER_CONFIG, dit, encoder=encoder(), log_names="wandb")

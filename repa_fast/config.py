@@ -67,6 +67,7 @@ class _AlignmentConfig:
                                  unsupported="iREPA (conv projector, spatially normalized targets) is not "
                                              "implemented in repa-fast yet")
     irepa_spatial_norm_alpha: float = _field(0.6, ParamSpec(float, minimum=0.0), key="irepa_spatial_norm_alpha")
+    # SimpleTuner checks it is odd only when it builds the iREPA projector.
     irepa_projector_kernel_size: int = _field(3, ParamSpec(int, minimum=1), key="irepa_projector_kernel_size")
 
     def __post_init__(self) -> None:
@@ -79,9 +80,6 @@ class _AlignmentConfig:
                     raise ValueError(f"{key}={value!r} is not supported: {why}; leave it at "
                                      f"{' or '.join(map(repr, supported))} (or use SimpleTuner's own regularizer)")
             object.__setattr__(self, field.name, value)  # frozen: store the normalized value
-        if self.irepa_projector_kernel_size % 2 == 0:
-            raise ValueError(f"irepa_projector_kernel_size must be a positive odd integer, "
-                             f"got {self.irepa_projector_kernel_size!r}")
 
     @classmethod
     def key(cls, field_name: str) -> str:

@@ -346,8 +346,8 @@ def test_keys_that_change_the_loss_in_ways_not_implemented_are_an_error(key, val
 def test_bad_values_of_video_only_keys_are_still_an_error():
     with pytest.raises(ValueError, match="crepa_adjacent_tau must be a finite number > 0"):
         rf.RepaConfig.from_dict({"crepa_adjacent_tau": 0.0})
-    with pytest.raises(ValueError, match="irepa_projector_kernel_size must be a positive odd integer"):
-        rf.URepaConfig.from_dict({"irepa_projector_kernel_size": 4})
+    with pytest.raises(ValueError, match="irepa_projector_kernel_size must be an integer >= 1"):
+        rf.URepaConfig.from_dict({"irepa_projector_kernel_size": 0})
     with pytest.raises(ValueError, match=r"'irepa_enable'.*did you mean 'irepa_enabled'"):
         rf.URepaConfig.from_dict({"irepa_enable": False}, ignore_unrelated=True)
 
@@ -387,3 +387,16 @@ def test_simpletuner_config_builds_regularizers_with_simpletuner_logs_and_checkp
     assert repa.simpletuner_prefix == "crepa_projector."
     with pytest.raises(ValueError, match="log_names must be one of 'repa_fast', 'simpletuner'"):
         rf.RepaRegularizer.from_config(SIMPLETUNER_CONFIG, dit, encoder=encoder(), log_names="wandb")
+
+
+def test_crepa_model_and_crepa_use_tae_reach_the_regularizer(tmp_path):
+    pytest.importorskip("diffusers")
+    from test_capture import tiny_sd3
+    from test_encoders import tiny_autoencoder_kl, tiny_dinov2
+    tiny_dinov2().save_pretrained(tmp_path)
+    dit, _, _ = tiny_sd3()
+    config = {"crepa_enabled": True, "crepa_block_index": 1, "crepa_encoder": "not-a-model",
+              "crepa_model": str(tmp_path), "crepa_encoder_image_size": 28}
+    assert rf.RepaRegularizer.from_config(config, dit).encoder.image_size == 28   # loaded from crepa_model
+    with pytest.raises(ValueError, match="crepa_use_tae is set.*AutoencoderKL"):
+        rf.RepaRegularizer.from_config({**config, "crepa_use_tae": True}, dit, vae=tiny_autoencoder_kl())

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .alignment import Grid
+from .alignment import Grid, check_token_alignment
 from .backends import check_backend
 from .functional import repa_loss, urepa_loss
 from .schedule import LambdaSchedule
 from .validation import as_tokens, check_eps, check_flag, check_projector, check_same_device
+
+
+# Where SimpleTuner keeps its projectors in the model's state dict.
+SIMPLETUNER_PROJECTOR_PREFIXES = ("crepa_projector.", "urepa_projector.")
 
 
 class RepaProjector(nn.Sequential):
@@ -40,6 +45,29 @@ class RepaProjector(nn.Sequential):
     def loss_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ln_weight, ln_bias, proj_weight, proj_bias) as the functional losses take them."""
         return self.norm.weight, self.norm.bias, self.linear.weight, self.linear.bias
+
+    def load_simpletuner_state_dict(self, state_dict: Mapping[str, torch.Tensor], *,
+                                    prefix: Optional[str] = None) -> None:
+        """Load a SimpleTuner projector: the keys under `prefix` (default: whichever of
+        `crepa_projector.` / `urepa_projector.` the dict has, so a whole model's state dict works)
+        or, when no key has it, the dict itself (`0.weight`, `0.bias`, `1.weight`, `1.bias`).
+        Missing, unexpected or mis-shaped keys are a ValueError."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+        prefixes = [prefix] if prefix is not None else list(SIMPLETUNER_PROJECTOR_PREFIXES)
+        found = [p for p in prefixes if any(isinstance(k, str) and k.startswith(p) for k in state_dict)]
+        if len(found) > 1:
+            raise ValueError(f"state_dict holds both {found[0]}* and {found[1]}* keys: pass prefix= to pick one")
+        if found:
+            state_dict = {k[len(found[0]):]: v for k, v in state_dict.items() if k.startswith(found[0])}
+        try:
+            self.load_state_dict(dict(state_dict), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"state_dict does not fit this projector: {err}") from err
+
+    def simpletuner_state_dict(self, prefix: str = "crepa_projector.") -> Dict[str, torch.Tensor]:
+        """The projector's state dict under SimpleTuner's keys (`crepa_projector.0.weight`, ...)."""
+        return {prefix + key: value for key, value in self.state_dict().items()}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, S, D) tokens or a (B, D, H, W) feature map -> (B, S or H*W, E) projections."""
@@ -74,11 +102,12 @@ class _ScheduledAlignmentLoss(nn.Module):
     mean over ranks (one all-reduce per training step), so every rank cuts off at the same step.
     """
 
-    def __init__(self, hidden_dim: int, encoder_dim: int, schedule, backend: Optional[str]):
+    def __init__(self, hidden_dim: int, encoder_dim: int, schedule, backend: Optional[str], token_alignment: str):
         super().__init__()
         self.projector = RepaProjector(hidden_dim, encoder_dim)
         self.schedule = _as_schedule(schedule)
         self.backend = check_backend(backend)
+        self.token_alignment = check_token_alignment(token_alignment)
         self.step_count = 0
 
     log_names: Tuple[str, ...]  # one per loss term, in the order _losses returns them
@@ -127,20 +156,21 @@ class RepaLoss(_ScheduledAlignmentLoss):
     """REPA for DiTs: `loss = weight(step) * L_align`; logs alignment, similarity, weight.
 
     `schedule`: a LambdaSchedule, a number (constant lambda) or None (constant 0.5, the seed's
-    default).
+    default). `token_alignment`: "grid" or "sequence" (SimpleTuner's rule), as `repa_loss`.
     """
 
     log_names = ("alignment",)
 
     def __init__(self, hidden_dim: int, encoder_dim: int, *, schedule=None, spatial_align: bool = True,
-                 backend: Optional[str] = None):
-        super().__init__(hidden_dim, encoder_dim, schedule, backend)
+                 backend: Optional[str] = None, token_alignment: str = "grid"):
+        super().__init__(hidden_dim, encoder_dim, schedule, backend, token_alignment)
         self.spatial_align = check_flag("spatial_align", spatial_align)
 
     def _losses(self, hidden, target, hidden_grid, target_grid):
         return (repa_loss(hidden, target, *self.projector.loss_args(), hidden_grid=hidden_grid,
                           target_grid=target_grid, spatial_align=self.spatial_align,
-                          ln_eps=self.projector.norm.eps, backend=self.backend),)
+                          ln_eps=self.projector.norm.eps, backend=self.backend,
+                          token_alignment=self.token_alignment),)
 
     def _term_weights(self):
         return (1.0,)
@@ -153,8 +183,8 @@ class URepaLoss(_ScheduledAlignmentLoss):
     log_names = ("alignment", "manifold")
 
     def __init__(self, hidden_dim: int, encoder_dim: int, *, manifold_weight: float = 3.0, schedule=None,
-                 backend: Optional[str] = None):
-        super().__init__(hidden_dim, encoder_dim, schedule, backend)
+                 backend: Optional[str] = None, token_alignment: str = "grid"):
+        super().__init__(hidden_dim, encoder_dim, schedule, backend, token_alignment)
         if isinstance(manifold_weight, bool) or not isinstance(manifold_weight, (int, float)) \
                 or not math.isfinite(manifold_weight) or manifold_weight < 0:
             raise ValueError(f"manifold_weight must be a number >= 0, got {manifold_weight!r}")
@@ -162,7 +192,8 @@ class URepaLoss(_ScheduledAlignmentLoss):
 
     def _losses(self, hidden, target, hidden_grid, target_grid):
         return urepa_loss(hidden, target, *self.projector.loss_args(), hidden_grid=hidden_grid,
-                          target_grid=target_grid, ln_eps=self.projector.norm.eps, backend=self.backend)
+                          target_grid=target_grid, ln_eps=self.projector.norm.eps, backend=self.backend,
+                          token_alignment=self.token_alignment)
 
     def _term_weights(self):
         return (1.0, self.manifold_weight)

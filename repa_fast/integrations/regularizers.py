@@ -30,6 +30,7 @@ from .capture import FeatureCapture, capture_transformer_block, capture_unet_mid
 from ..config import RepaConfig, URepaConfig
 from .encoders import VisionEncoder, pixels_from_latents
 from ..modules import RepaLoss, URepaLoss
+from .simpletuner import check_log_names, simpletuner_logs
 
 # The seed's recommended crepa_block_index: 8 (Flux, SD3, Chroma), 10 for Sana and PixArt.
 DEFAULT_BLOCK_INDEX = 8
@@ -55,7 +56,8 @@ class _Regularizer(nn.Module):
     """Shared by both regularizers: pixels -> encoder tokens -> the scheduled loss."""
 
     config_class: type
-    encoder_key: str  # the config field naming the encoder
+    # "simpletuner": logs under SimpleTuner 4.10.1's names (from_config(log_names=...)).
+    log_names = "repa_fast"
 
     def __init__(self, config, model: nn.Module, loss: Optional[nn.Module], encoder: Optional[VisionEncoder],
                  vae: Optional[nn.Module]):
@@ -95,7 +97,7 @@ class _Regularizer(nn.Module):
                      encoder_kwargs: Optional[Mapping[str, Any]]) -> Tuple[VisionEncoder, Optional[nn.Module]]:
         """The encoder (loaded by the config's name when not given) and the VAE, checked."""
         if encoder is None:
-            name = getattr(config, cls.encoder_key)
+            name = config.encoder_name
             encoder = VisionEncoder.from_pretrained(name, config.encoder_image_size, **dict(encoder_kwargs or {}))
         elif not isinstance(encoder, VisionEncoder):
             raise TypeError(f"encoder must be a repa_fast.VisionEncoder, got {type(encoder).__name__}")
@@ -106,6 +108,35 @@ class _Regularizer(nn.Module):
 
     def capture(self) -> contextlib.AbstractContextManager[FeatureCapture]:
         raise NotImplementedError
+
+    def _with_log_names(self, log_names: str) -> "_Regularizer":
+        self.log_names = check_log_names(log_names)
+        return self
+
+    def _named(self, logs: Dict[str, float]) -> Dict[str, Any]:
+        if self.log_names == "repa_fast" or not logs:
+            return logs
+        loss_fn = self.alignment_loss
+        return simpletuner_logs(self.config.prefix, logs, manifold_weight=getattr(loss_fn, "manifold_weight", 0.0),
+                                similarity_ema=loss_fn.schedule.similarity_ema)
+
+    @property
+    def simpletuner_prefix(self) -> str:
+        """Where SimpleTuner keeps this projector in the model's state dict."""
+        return self.config.prefix + "projector."
+
+    def load_simpletuner_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a projector SimpleTuner trained: its `crepa_projector.*` / `urepa_projector.*` keys
+        (a whole model's state dict may be given) or the projector's own `0.weight`, ... keys."""
+        if self.projector is None:
+            raise ValueError(f"{self.config.key('enabled')} is false: this regularizer has no projector to load")
+        self.projector.load_simpletuner_state_dict(state_dict, prefix=self.simpletuner_prefix)
+
+    def simpletuner_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The projector as SimpleTuner saves it with the model: `crepa_projector.0.weight`, ..."""
+        if self.projector is None:
+            raise ValueError(f"{self.config.key('enabled')} is false: this regularizer has no projector to save")
+        return self.projector.simpletuner_state_dict(self.simpletuner_prefix)
 
     def forward(self, hidden: Union[torch.Tensor, FeatureCapture], *, pixels: Optional[torch.Tensor] = None,
                 latents: Optional[torch.Tensor] = None, hidden_grid: Optional[Grid] = None,
@@ -127,13 +158,13 @@ class _Regularizer(nn.Module):
         if loss_fn.schedule.is_off(current):
             if loss_fn.training:
                 loss_fn.step_count = int(current) + 1  # as the loss's own forward counts steps
-            return None, {"weight": 0.0}
+            return None, self._named({"weight": 0.0})
         if isinstance(hidden, FeatureCapture):
             hidden_grid = hidden.grid if hidden_grid is None else hidden_grid
             hidden = hidden.output
         target, target_grid = self.encode(pixels=pixels, latents=latents, device=hidden.device)
         loss, logs = loss_fn(hidden, target, hidden_grid=hidden_grid, target_grid=target_grid, step=step)
-        return (None if loss_fn.schedule.is_cut_off else loss), logs
+        return (None if loss_fn.schedule.is_cut_off else loss), self._named(logs)
 
     def encode(self, *, pixels: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
                device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Grid]:
@@ -157,7 +188,6 @@ class RepaRegularizer(_Regularizer):
     tokens aligned to the encoder's patch tokens (`crepa_*` keys)."""
 
     config_class = RepaConfig
-    encoder_key = "encoder"
 
     @property
     def block_index(self) -> int:
@@ -168,16 +198,19 @@ class RepaRegularizer(_Regularizer):
                     encoder: Optional[VisionEncoder] = None, vae: Optional[nn.Module] = None,
                     max_train_steps: Optional[int] = None, backend: Optional[str] = None,
                     hidden_dim: Optional[int] = None,
-                    encoder_kwargs: Optional[Mapping[str, Any]] = None) -> "RepaRegularizer":
+                    encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    log_names: str = "repa_fast") -> "RepaRegularizer":
         """`config`: the trainer's config (keys without the `crepa_` prefix are ignored) or a
-        RepaConfig. `encoder`: default `VisionEncoder.from_pretrained(crepa_encoder,
+        RepaConfig. `encoder`: default `VisionEncoder.from_pretrained(crepa_model or crepa_encoder,
         crepa_encoder_image_size, **encoder_kwargs)`. `vae`: decodes `latents=` (not needed with
         `pixels=`). `hidden_dim`: the block's width, by default heads x head dim from the model's
-        config. `max_train_steps`: for a decay schedule with `crepa_decay_steps` 0."""
+        config. `max_train_steps`: for a decay schedule with `crepa_decay_steps` 0. `log_names`:
+        "repa_fast" (alignment, similarity, weight) or "simpletuner" (crepa_loss, crepa_alignment_score,
+        ..., as SimpleTuner 4.10.1 logs them)."""
         config = cls._parse_config(config)
         inner = unwrap_model(model)
         if not config.enabled:
-            return cls(config, model, None, None, None, None)
+            return cls(config, model, None, None, None, None)._with_log_names(log_names)
         if not _is_dit(inner):
             kind = " It is a UNet: use URepaRegularizer with urepa_* keys." if _is_unet(inner) else ""
             raise TypeError(f"REPA (crepa_*) aligns a DiT's transformer block, and {type(inner).__name__} has no "
@@ -187,8 +220,9 @@ class RepaRegularizer(_Regularizer):
         hidden_dim = _dit_width(inner) if hidden_dim is None else hidden_dim
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = RepaLoss(hidden_dim, encoder.dim, schedule=config.schedule(max_train_steps),
-                        spatial_align=config.spatial_align, backend=backend)
-        return cls(config, model, loss, encoder, vae, block_index)
+                        spatial_align=config.spatial_align, backend=backend,
+                        token_alignment=config.token_alignment)
+        return cls(config, model, loss, encoder, vae, block_index)._with_log_names(log_names)
 
     def __init__(self, config: RepaConfig, model: nn.Module, loss: Optional[RepaLoss],
                  encoder: Optional[VisionEncoder], vae: Optional[nn.Module], block_index: Optional[int]):
@@ -219,21 +253,21 @@ class URepaRegularizer(_Regularizer):
     patch tokens plus the manifold loss (`urepa_*` keys)."""
 
     config_class = URepaConfig
-    encoder_key = "model"
 
     @classmethod
     def from_config(cls, config: Union[Mapping[str, Any], URepaConfig], model: nn.Module, *,
                     encoder: Optional[VisionEncoder] = None, vae: Optional[nn.Module] = None,
                     max_train_steps: Optional[int] = None, backend: Optional[str] = None,
                     hidden_dim: Optional[int] = None,
-                    encoder_kwargs: Optional[Mapping[str, Any]] = None) -> "URepaRegularizer":
+                    encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    log_names: str = "repa_fast") -> "URepaRegularizer":
         """As RepaRegularizer.from_config with `urepa_*` keys; the encoder defaults to
         `urepa_model`, `hidden_dim` to the UNet's `block_out_channels[-1]`, and with
         `urepa_use_tae` the `vae` must be an AutoencoderTiny."""
         config = cls._parse_config(config)
         inner = unwrap_model(model)
         if not config.enabled:
-            return cls(config, model, None, None, None)
+            return cls(config, model, None, None, None)._with_log_names(log_names)
         if not _is_unet(inner):
             kind = " It is a DiT: use RepaRegularizer with crepa_* keys." if _is_dit(inner) else ""
             raise TypeError(f"U-REPA (urepa_*) aligns a UNet's mid_block, and {type(inner).__name__} has no "
@@ -246,8 +280,9 @@ class URepaRegularizer(_Regularizer):
             hidden_dim = int(channels[-1])
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = URepaLoss(hidden_dim, encoder.dim, manifold_weight=config.manifold_weight,
-                         schedule=config.schedule(max_train_steps), backend=backend)
-        return cls(config, model, loss, encoder, vae)
+                         schedule=config.schedule(max_train_steps), backend=backend,
+                         token_alignment=config.token_alignment)
+        return cls(config, model, loss, encoder, vae)._with_log_names(log_names)
 
     def capture(self) -> contextlib.AbstractContextManager[FeatureCapture]:
         """`with reg.capture() as cap:` around the UNet's forward; then `reg(cap, ...)`."""

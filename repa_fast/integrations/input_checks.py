@@ -1,7 +1,8 @@
 """Cheap checks of what a trainer feeds a regularizer, for the mistakes that give wrong targets
 without any error: pixels in [0, 255] or [-1, 1] instead of [0, 1], and latents not multiplied
 by the VAE's scaling factor (the clamp after decoding hides them). Each returns a message saying
-what was seen and what to pass, or None; the regularizer warns once per kind.
+what was seen and what to pass, or None; the regularizer warns once per kind, with an
+InputWarning (a UserWarning: `warnings.simplefilter("error", InputWarning)` makes them errors).
 
 Each check costs one reduction and one host sync, as the regularizer's float logs do.
 """
@@ -18,6 +19,10 @@ PIXEL_SLACK = 0.05
 # A scaling factor this far from 1 (either way) separates scaled latents (std ~1) from raw
 # ones (std ~1 / scaling_factor) on a single batch; closer to 1 the two overlap.
 LATENT_SCALE_RATIO = 2.0
+
+
+class InputWarning(UserWarning):
+    """What a regularizer was given looks wrong (pixel range, latent scale, encoder vs config)."""
 
 
 def pixel_range_problem(pixels: torch.Tensor) -> Optional[str]:

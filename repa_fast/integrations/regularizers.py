@@ -36,7 +36,7 @@ from .capture import (CaptureContext, FeatureCapture, NoCapture, capture_transfo
                       check_block_index, unwrap_model)
 from ..config import RepaConfig, URepaConfig
 from .encoders import VisionEncoder, encoder_matches_name, encoder_width, pixels_from_latents
-from .input_checks import latent_scale_problem, pixel_range_problem
+from .input_checks import InputWarning, latent_scale_problem, pixel_range_problem
 from ..modules import RepaLoss, URepaLoss
 
 # SimpleTuner's recommended crepa_block_index: 8 (Flux, SD3, Chroma), 10 for Sana and PixArt.
@@ -140,12 +140,12 @@ class _Regularizer(nn.Module):
         if problems:
             warnings.warn(f"encoder= replaces the config's encoder: {'; '.join(problems)}. The encoder given is "
                           f"used; make the config agree with it (or drop encoder= to load the config's).",
-                          UserWarning, stacklevel=4)
+                          InputWarning, stacklevel=4)
 
     def _warn_once(self, kind: str, message: Optional[str]) -> None:
         if message is not None:
             self._warned.add(kind)
-            warnings.warn(message, UserWarning, stacklevel=4)
+            warnings.warn(message, InputWarning, stacklevel=4)
 
     def capture(self) -> CaptureContext:
         raise NotImplementedError

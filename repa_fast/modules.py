@@ -155,7 +155,7 @@ class _ScheduledAlignmentLoss(nn.Module):
 class RepaLoss(_ScheduledAlignmentLoss):
     """REPA for DiTs: `loss = weight(step) * L_align`; logs alignment, similarity, weight.
 
-    `schedule`: a LambdaSchedule, a number (constant lambda) or None (constant 0.5, the seed's
+    `schedule`: a LambdaSchedule, a number (constant lambda) or None (constant 0.5, SimpleTuner's
     default). `token_alignment`: "grid" or "sequence" (SimpleTuner's rule), as `repa_loss`.
     """
 

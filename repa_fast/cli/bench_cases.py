@@ -3,7 +3,7 @@ benchmarks/: what is measured (one forward + backward of a loss), on which shape
 unavoidable GEMM work of each case (the floor).
 
 Shapes are named after real models. Hidden states: SD1.5 512px and SDXL 1024px UNet mid blocks
-(1280 channels on 8x8 and 32x32: SDXL's latent is 128x128, downsampled twice; the seed page says
+(1280 channels on 8x8 and 32x32: SDXL's latent is 128x128, downsampled twice; SimpleTuner's REPA page says
 16x16, DESIGN.md §5 uses 32x32, and 32x32 is what the SDXL UNet produces), Flux 1024px (64x64
 tokens x 3072), SD3-medium 512px (32x32 tokens x 1536) and SiT-XL/2 256px (16x16 tokens x 1152).
 Targets: DINOv2 ViT-S/B/L/G (384/768/1024/1536 wide) at 224px (16x16 patch tokens) and 518px
@@ -24,7 +24,7 @@ from ..alignment import plan_alignment
 from ..backends import available_backends
 
 COMPILED = "torch.compile"  # torch.compile of the torch backend, benchmarked beside the backends
-UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # the seed's defaults; DESIGN §5's U-REPA case
+UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # SimpleTuner's defaults; DESIGN §5's U-REPA case
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _design_cases() -> List[Case]:
 
 
 def _cpu_cases() -> List[Case]:
-    """CPU-sized: batch 1, every model against the seed's default encoder (DINOv2-G at 518px)
+    """CPU-sized: batch 1, every model against SimpleTuner's default encoder (DINOv2-G at 518px)
     and its low-memory suggestion (DINOv2-S at 224px)."""
     return _model_cases(batch=1, encoders=("dinov2-s-224", "dinov2-g-518"))
 

@@ -1,7 +1,7 @@
 """train a tiny diffusers UNet with U-REPA and a tiny DiT with REPA on generated shapes
 
 Both models learn to denoise 32x32 images of random circles and squares (DDPM noise
-prediction), each with its regularizer built from the seed's config keys, aligned to a frozen
+prediction), each with its regularizer built from SimpleTuner's config keys, aligned to a frozen
 DINOv2: a tiny random one by default, real weights with `--encoder PATH` (a local directory, or
 a name such as dinov2_vits14, downloaded by transformers). Prints a progress bar with the
 per-step alignment / manifold / weight and a summary. diffusers, transformers and tqdm are
@@ -24,7 +24,7 @@ IMAGE_SIZE = 32
 DATASET_SIZE = 256
 TINY_ENCODER_IMAGE_SIZE = 112  # an 8 x 8 patch grid
 PRETRAINED_ENCODER_IMAGE_SIZE = 224
-DIT_BLOCK_INDEX = 2  # of 4: the tiny DiT has fewer blocks than the seed's recommended 8 / 10
+DIT_BLOCK_INDEX = 2  # of 4: the tiny DiT has fewer blocks than SimpleTuner's recommended 8 / 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,8 +19,9 @@ the VAE are used but not owned as submodules: they stay out of `parameters()` an
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from ..alignment import Grid
 from .capture import FeatureCapture, capture_transformer_block, capture_unet_mid_block, check_block_index, unwrap_model
 from ..config import RepaConfig, URepaConfig
 from .encoders import VisionEncoder, pixels_from_latents
+from .feature_cache import FeatureCache, open_feature_cache, producer_of
 from ..modules import RepaLoss, URepaLoss
 
 # The seed's recommended crepa_block_index: 8 (Flux, SD3, Chroma), 10 for Sana and PixArt.
@@ -56,6 +58,7 @@ class _Regularizer(nn.Module):
 
     config_class: type
     encoder_key: str  # the config field naming the encoder
+    feature_cache: Optional[FeatureCache] = None  # see use_feature_cache
 
     def __init__(self, config, model: nn.Module, loss: Optional[nn.Module], encoder: Optional[VisionEncoder],
                  vae: Optional[nn.Module]):
@@ -109,7 +112,8 @@ class _Regularizer(nn.Module):
 
     def forward(self, hidden: Union[torch.Tensor, FeatureCapture], *, pixels: Optional[torch.Tensor] = None,
                 latents: Optional[torch.Tensor] = None, hidden_grid: Optional[Grid] = None,
-                step: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+                step: Optional[int] = None, keys: Optional[Sequence[str]] = None,
+                ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
         """The weighted loss for captured `hidden` states (a tensor, or the capture itself, whose
         grid is then used) against the encoder's tokens of `pixels` (B, 3, H, W) in [0, 1] or of
         `latents` decoded with the VAE.
@@ -119,6 +123,7 @@ class _Regularizer(nn.Module):
         similarity cutoff) nothing is decoded or encoded and logs are `{"weight": 0.0}`, as
         SimpleTuner skips the work; a "recoverable" cutoff still computes the similarity its EMA
         needs, and logs it. `step`: the trainer's global step (default: the regularizer's own count).
+        `keys`: the samples' keys (strings), with a feature cache (`use_feature_cache`).
         """
         if not self.enabled:
             return None, {}
@@ -131,20 +136,45 @@ class _Regularizer(nn.Module):
         if isinstance(hidden, FeatureCapture):
             hidden_grid = hidden.grid if hidden_grid is None else hidden_grid
             hidden = hidden.output
-        target, target_grid = self.encode(pixels=pixels, latents=latents, device=hidden.device)
+        target, target_grid = self.encode(pixels=pixels, latents=latents, device=hidden.device, keys=keys)
         loss, logs = loss_fn(hidden, target, hidden_grid=hidden_grid, target_grid=target_grid, step=step)
         return (None if loss_fn.schedule.is_cut_off else loss), logs
 
+    def use_feature_cache(self, feature_cache: Union[FeatureCache, str, os.PathLike, None]) -> "_Regularizer":
+        """Read the encoder's tokens through `feature_cache` (a folder or a FeatureCache; None:
+        no cache): calls then pass `keys=`, hits skip the VAE decode and the encoder, misses
+        compute, store and use the stored values. Returns the regularizer."""
+        self.feature_cache = open_feature_cache(feature_cache)
+        self._cache_bound = []  # None (pixels) and the VAE, once bound
+        return self
+
     def encode(self, *, pixels: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
-               device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Grid]:
-        """The encoder's (tokens on `device`, grid) for `pixels` or for `latents` decoded with the VAE."""
+               device: Optional[torch.device] = None, keys: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, Grid]:
+        """The encoder's (tokens on `device`, grid) for `pixels` or for `latents` decoded with the
+        VAE; with a feature cache, through it for the samples `keys`."""
         if (pixels is None) == (latents is None):
             raise ValueError("pass exactly one of pixels= (B, 3, H, W) in [0, 1] or latents= (decoded with the vae)")
-        if latents is not None:
-            if self.vae is None:
-                raise ValueError("latents were given but the regularizer has no vae: build it with vae=... "
-                                 "or pass pixels=")
-            pixels = pixels_from_latents(self.vae, latents)
+        if latents is not None and self.vae is None:
+            raise ValueError("latents were given but the regularizer has no vae: build it with vae=... "
+                             "or pass pixels=")
+        cache = self.feature_cache
+        if (cache is None) != (keys is None):
+            raise ValueError("keys= goes with a feature cache: build the regularizer with feature_cache=DIR"
+                             if cache is None else f"the regularizer reads targets through {cache}: pass keys=, "
+                                                   f"one string per sample")
+        inputs, vae = (latents, self.vae) if latents is not None else (pixels, None)
+        if cache is None:
+            return self._compute_targets(inputs, vae, device)
+        if vae not in self._cache_bound:  # once per input kind: the fingerprint reads weights
+            cache.bind(producer_of(self.encoder, vae, cache.dtype or self.encoder.dtype))
+            self._cache_bound.append(vae)
+        tokens, grid = cache.targets(keys, inputs, lambda misses: self._compute_targets(misses, vae, device))
+        return (tokens if device is None else tokens.to(device)), grid
+
+    def _compute_targets(self, inputs: torch.Tensor, vae: Optional[nn.Module],
+                         device: Optional[torch.device]) -> Tuple[torch.Tensor, Grid]:
+        """The encoder's tokens of pixels, or of latents decoded with `vae`."""
+        pixels = inputs if vae is None else pixels_from_latents(vae, inputs)
         encoder = self.encoder
         if device is not None and encoder.device != device:
             encoder.to(device)  # the encoder follows the features (e.g. each DDP rank's GPU)
@@ -167,13 +197,14 @@ class RepaRegularizer(_Regularizer):
     def from_config(cls, config: Union[Mapping[str, Any], RepaConfig], model: nn.Module, *,
                     encoder: Optional[VisionEncoder] = None, vae: Optional[nn.Module] = None,
                     max_train_steps: Optional[int] = None, backend: Optional[str] = None,
-                    hidden_dim: Optional[int] = None,
-                    encoder_kwargs: Optional[Mapping[str, Any]] = None) -> "RepaRegularizer":
+                    hidden_dim: Optional[int] = None, encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    feature_cache: Union[FeatureCache, str, os.PathLike, None] = None) -> "RepaRegularizer":
         """`config`: the trainer's config (keys without the `crepa_` prefix are ignored) or a
         RepaConfig. `encoder`: default `VisionEncoder.from_pretrained(crepa_encoder,
         crepa_encoder_image_size, **encoder_kwargs)`. `vae`: decodes `latents=` (not needed with
         `pixels=`). `hidden_dim`: the block's width, by default heads x head dim from the model's
-        config. `max_train_steps`: for a decay schedule with `crepa_decay_steps` 0."""
+        config. `max_train_steps`: for a decay schedule with `crepa_decay_steps` 0. `feature_cache`: a
+        folder or FeatureCache the encoder's tokens are read through (see `use_feature_cache`)."""
         config = cls._parse_config(config)
         inner = unwrap_model(model)
         if not config.enabled:
@@ -188,7 +219,7 @@ class RepaRegularizer(_Regularizer):
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = RepaLoss(hidden_dim, encoder.dim, schedule=config.schedule(max_train_steps),
                         spatial_align=config.spatial_align, backend=backend)
-        return cls(config, model, loss, encoder, vae, block_index)
+        return cls(config, model, loss, encoder, vae, block_index).use_feature_cache(feature_cache)
 
     def __init__(self, config: RepaConfig, model: nn.Module, loss: Optional[RepaLoss],
                  encoder: Optional[VisionEncoder], vae: Optional[nn.Module], block_index: Optional[int]):
@@ -225,8 +256,8 @@ class URepaRegularizer(_Regularizer):
     def from_config(cls, config: Union[Mapping[str, Any], URepaConfig], model: nn.Module, *,
                     encoder: Optional[VisionEncoder] = None, vae: Optional[nn.Module] = None,
                     max_train_steps: Optional[int] = None, backend: Optional[str] = None,
-                    hidden_dim: Optional[int] = None,
-                    encoder_kwargs: Optional[Mapping[str, Any]] = None) -> "URepaRegularizer":
+                    hidden_dim: Optional[int] = None, encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    feature_cache: Union[FeatureCache, str, os.PathLike, None] = None) -> "URepaRegularizer":
         """As RepaRegularizer.from_config with `urepa_*` keys; the encoder defaults to
         `urepa_model`, `hidden_dim` to the UNet's `block_out_channels[-1]`, and with
         `urepa_use_tae` the `vae` must be an AutoencoderTiny."""
@@ -247,7 +278,7 @@ class URepaRegularizer(_Regularizer):
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = URepaLoss(hidden_dim, encoder.dim, manifold_weight=config.manifold_weight,
                          schedule=config.schedule(max_train_steps), backend=backend)
-        return cls(config, model, loss, encoder, vae)
+        return cls(config, model, loss, encoder, vae).use_feature_cache(feature_cache)
 
     def capture(self) -> contextlib.AbstractContextManager[FeatureCapture]:
         """`with reg.capture() as cap:` around the UNet's forward; then `reg(cap, ...)`."""

@@ -351,3 +351,47 @@ def test_repa_regularizer_with_pixels_and_fill_ahead(tmp_path):
         rf.fill_feature_cache(tmp_path, [("k", pixels)], encoder=enc)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["producer"]["input"] == "pixels" and manifest["producer"]["vae"] is None
+
+
+def test_cli_fill_info_verify_prune(tmp_path, capsys):
+    from repa_fast import cli
+    from safetensors.torch import save_file
+
+    tiny_dinov2().save_pretrained(tmp_path / "encoder")  # stands in for real weights on disk
+    tiny_autoencoder_kl(scaling_factor=0.5).save_pretrained(tmp_path / "vae")
+    source = tmp_path / "latents"
+    (source / "sub dir").mkdir(parents=True)
+    for i in range(3):
+        save_file({"latents": torch.randn(4, 8, 8)}, source / f"a{i}.safetensors")
+    torch.save(torch.randn(1, 4, 8, 8), source / "sub dir" / "b.pt")
+    cache_dir = tmp_path / "cache"
+    fill = ["cache", "fill", str(cache_dir), str(source), "--encoder", str(tmp_path / "encoder"),
+            "--image-size", "56", "--vae", str(tmp_path / "vae"), "--device", "cpu", "--batch-size", "2"]
+    assert cli.main(fill) == 0
+    assert "4 encoded, 0 already cached, 0 not written" in capsys.readouterr().out
+    cache = rf.FeatureCache(cache_dir)
+    assert cache.get("sub dir/b").input_shape == (4, 8, 8)
+    assert cli.main(fill) == 0  # resumed: nothing left to do
+    assert "0 encoded, 4 already cached" in capsys.readouterr().out
+
+    assert cli.main(["cache", "info", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{cache_dir}: 4 entries" in out and '"input": "latents"' in out and '"image_size": 56' in out
+    assert cli.main(["cache", "verify", str(cache_dir)]) == 0
+    assert "4 entries checked, 0 bad" in capsys.readouterr().out
+
+    path = cache.entry_path("a1")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40
+    path.write_bytes(bytes(raw))
+    assert cli.main(["cache", "verify", str(cache_dir)]) == 1
+    assert f"BAD {path}: checksum mismatch" in capsys.readouterr().out
+    (tmp_path / "keep.txt").write_text("a0\nsub dir/b\n")
+    assert cli.main(["cache", "prune", str(cache_dir), "--keep-keys", str(tmp_path / "keep.txt")]) == 0
+    assert "removed 2 files: 1 corrupted, 1 not kept, 0 temporary" in capsys.readouterr().out
+    assert sorted(cache.check_file(p)[0].key for p in cache.entry_files()) == ["a0", "sub dir/b"]
+
+    other = tmp_path / "other"
+    tiny_dinov2().save_pretrained(other)  # other random weights
+    assert cli.main([*fill[:5], str(other), *fill[6:]]) == 2
+    assert "encoder.weights_sha256" in capsys.readouterr().err

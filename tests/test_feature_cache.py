@@ -395,3 +395,39 @@ def test_cli_fill_info_verify_prune(tmp_path, capsys):
     tiny_dinov2().save_pretrained(other)  # other random weights
     assert cli.main([*fill[:5], str(other), *fill[6:]]) == 2
     assert "encoder.weights_sha256" in capsys.readouterr().err
+
+
+def test_demo_second_epoch_reads_the_cache_without_decoder_or_encoder(tmp_path, monkeypatch, capsys):
+    from repa_fast import cli
+    from repa_fast.cli import demo
+
+    seen = {"decoded": 0, "encoded": 0}
+    make_vae, make_encoder = demo.tiny_vae, demo.tiny_dinov2
+
+    def counting_vae():
+        vae = make_vae()
+        decode = vae.decode
+
+        def counting_decode(z, *args, **kwargs):
+            seen["decoded"] += len(z)
+            return decode(z, *args, **kwargs)
+        vae.decode = counting_decode
+        return vae
+
+    def counting_encoder(image_size):
+        model = make_encoder(image_size)
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.__setitem__("encoded", seen["encoded"] + len(kwargs["pixel_values"])),
+            with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(demo, "tiny_vae", counting_vae)
+    monkeypatch.setattr(demo, "tiny_dinov2", counting_encoder)
+    # 2 epochs of 2 steps for each model; both read one cache (same encoder, same VAE).
+    assert cli.main(["demo", "--steps", "4", "--batch-size", "2", "--dataset-size", "4",
+                     "--feature-cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert seen == {"decoded": 4, "encoded": 4}  # the UNet's first epoch only
+    assert f"feature cache {tmp_path} (U-REPA): 4 hits, 4 misses (encoded), 4 written" in out
+    assert f"feature cache {tmp_path} (REPA): 8 hits, 0 misses (encoded), 0 written" in out
+    assert len(list(rf.FeatureCache(tmp_path).entry_files())) == 4

@@ -424,10 +424,10 @@ def test_demo_second_epoch_reads_the_cache_without_decoder_or_encoder(tmp_path, 
     monkeypatch.setattr(demo, "tiny_vae", counting_vae)
     monkeypatch.setattr(demo, "tiny_dinov2", counting_encoder)
     # 2 epochs of 2 steps for each model; both read one cache (same encoder, same VAE).
-    assert cli.main(["demo", "--steps", "4", "--batch-size", "2", "--dataset-size", "4",
+    assert cli.main(["demo", "--steps", "4", "--batch-size", "1", "--dataset-size", "2",
                      "--feature-cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert seen == {"decoded": 4, "encoded": 4}  # the UNet's first epoch only
-    assert f"feature cache {tmp_path} (U-REPA): 4 hits, 4 misses (encoded), 4 written" in out
-    assert f"feature cache {tmp_path} (REPA): 8 hits, 0 misses (encoded), 0 written" in out
-    assert len(list(rf.FeatureCache(tmp_path).entry_files())) == 4
+    assert seen == {"decoded": 2, "encoded": 2}  # the UNet's first epoch only
+    assert f"feature cache {tmp_path} (U-REPA): 2 hits, 2 misses (encoded), 2 written" in out
+    assert f"feature cache {tmp_path} (REPA): 4 hits, 0 misses (encoded), 0 written" in out
+    assert len(list(rf.FeatureCache(tmp_path).entry_files())) == 2

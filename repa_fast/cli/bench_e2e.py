@@ -1,7 +1,7 @@
 """End-to-end cost of one regularizer step: VAE decode + DINOv2 encode + loss forward and backward,
 uncached and read from a feature cache, per part, with peak memory and counted flops.
 
-`repa-fast bench --cases e2e-cpu` (scaled down, about a minute on 2 cores) or `--cases e2e-gpu`
+`repa-fast bench --cases e2e-cpu` (scaled down: under a minute on 2 idle cores) or `--cases e2e-gpu`
 (real sizes); `--device meta` counts each part's flops (torch's FlopCounterMode on meta
 tensors) without running anything. Models are built from their real configurations with random
 weights, nothing is downloaded: diffusers AutoencoderKL with SDXL's (and SD's, for SiT) and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import tempfile
 import time
@@ -95,11 +96,11 @@ E2E_PRESETS: Dict[str, List[E2ECase]] = {
     # Scaled down to run on 2 CPU cores: the same VAE and DINOv2-B architectures on 32px images
     # (4x4 latents) and a 56px (4x4 tokens) encoder input.
     "e2e-cpu": [
-        E2ECase("e2e.sdxl-32.dinov2-b-56.b2", "urepa", 2, "sdxl-vae", 4, "dinov2-b", 56, 2 * 2, 1280,
+        E2ECase("e2e.sdxl-32.dinov2-b-56.b1", "urepa", 1, "sdxl-vae", 4, "dinov2-b", 56, 2 * 2, 1280,
                 "SDXL VAE + U-REPA, scaled down"),
-        E2ECase("e2e.sdxl-32-tae.dinov2-b-56.b2", "urepa", 2, "taesdxl", 4, "dinov2-b", 56, 2 * 2, 1280,
+        E2ECase("e2e.sdxl-32-tae.dinov2-b-56.b1", "urepa", 1, "taesdxl", 4, "dinov2-b", 56, 2 * 2, 1280,
                 "the same with AutoencoderTiny"),
-        E2ECase("e2e.flux-32.dinov2-b-56.b2", "repa", 2, "flux-vae", 4, "dinov2-b", 56, 2 * 2, 3072,
+        E2ECase("e2e.flux-32.dinov2-b-56.b1", "repa", 1, "flux-vae", 4, "dinov2-b", 56, 2 * 2, 3072,
                 "Flux VAE + REPA, scaled down"),
     ],
 }
@@ -270,9 +271,10 @@ def run_e2e(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     meta = {"device": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": _dtype_name(dtype), "argv": sys.argv[1:]}
+            "dtype": _dtype_name(dtype), "argv": sys.argv[1:],
+            "load_average_1min": round(os.getloadavg()[0], 2)}  # CPU timings mean little on a busy machine
     print(f"# repa-fast bench (end to end): {meta['device']}, torch {meta['torch']}, {meta['dtype']}, "
-          f"{meta['timestamp']}", flush=True)
+          f"{meta['timestamp']}, load average {meta['load_average_1min']}", flush=True)
     start = time.perf_counter()
     rows: List[Row] = []
     flops: Dict[Tuple[str, str], float] = {}

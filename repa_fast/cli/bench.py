@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--cases", default=None,
                         help="comma-separated presets, case names or patterns (default: design on cuda, cpu on "
-                             "cpu; quick with --quick)")
+                             "cpu; quick with --quick); e2e-cpu / e2e-gpu: the whole regularizer step "
+                             "(decode, encode, loss), --device meta counts its flops")
     parser.add_argument("--quick", action="store_true", help="the quick preset and shorter timing")
     parser.add_argument("--backends", default=None,
                         help=f"comma-separated subset of torch, triton, cuda, {COMPILED} (default: every backend "
@@ -312,6 +313,9 @@ def write_plot(path: Path, rows: List[Row]) -> str:
 # ---------------------------------------------------------------------------- command
 
 def run(args: argparse.Namespace) -> int:
+    if args.cases and args.cases.startswith("e2e"):  # the whole regularizer step: bench_e2e.py
+        from .bench_e2e import run_e2e
+        return run_e2e(args)
     if args.list:
         for name, preset in PRESETS.items():
             print(f"preset {name}: {len(preset())} cases")

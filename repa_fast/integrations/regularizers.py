@@ -24,9 +24,10 @@ refuses a module without trainable parameters) and its state_dict has the same k
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Mapping
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from .capture import (CaptureContext, FeatureCapture, NoCapture, capture_transfo
                       check_block_index, unwrap_model)
 from ..config import RepaConfig, URepaConfig
 from .encoders import VisionEncoder, encoder_matches_name, encoder_width, pixels_from_latents
+from .feature_cache import FeatureCache, open_feature_cache, producer_of
 from .input_checks import InputWarning, latent_scale_problem, pixel_range_problem
 from ..modules import RepaLoss, URepaLoss
 from .simpletuner import check_log_names, simpletuner_logs
@@ -66,6 +68,7 @@ class _Regularizer(nn.Module):
     config_class: type
     # "simpletuner": logs under SimpleTuner 4.10.1's names (from_config(log_names=...)).
     log_names = "repa_fast"
+    feature_cache: Optional[FeatureCache] = None  # see use_feature_cache
 
     def __init__(self, config, model: nn.Module, loss: nn.Module, encoder: Optional[VisionEncoder],
                  vae: Optional[nn.Module]):
@@ -187,7 +190,8 @@ class _Regularizer(nn.Module):
 
     def forward(self, hidden: Union[torch.Tensor, FeatureCapture, None], *, pixels: Optional[torch.Tensor] = None,
                 latents: Optional[torch.Tensor] = None, hidden_grid: Optional[Grid] = None,
-                step: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+                step: Optional[int] = None, keys: Optional[Sequence[str]] = None,
+                ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
         """The weighted loss for captured `hidden` states (a tensor, or the capture itself, whose
         grid is then used) against the encoder's tokens of `pixels` (B, 3, H, W) in [0, 1] or of
         `latents` decoded with the VAE (the scaled latents the diffusion model trains on).
@@ -198,6 +202,7 @@ class _Regularizer(nn.Module):
         similarity cutoff) nothing is decoded or encoded and logs are `{"weight": 0.0}`, as
         SimpleTuner skips the work; a "recoverable" cutoff still computes the similarity its EMA
         needs, and logs it. `step`: the trainer's global step (default: the regularizer's own count).
+        `keys`: the samples' keys (strings), with a feature cache (`use_feature_cache`).
         """
         if isinstance(hidden, CaptureContext):
             raise TypeError("the regularizer got the context manager that capture() returns, not what it captured: "
@@ -216,24 +221,50 @@ class _Regularizer(nn.Module):
             if loss_fn.training:
                 loss_fn.step_count = int(current) + 1  # as the loss's own forward counts steps
             return None, self._named({"weight": 0.0})
-        target, target_grid = self.encode(pixels=pixels, latents=latents, device=hidden.device)
+        target, target_grid = self.encode(pixels=pixels, latents=latents, device=hidden.device, keys=keys)
         loss, logs = loss_fn(hidden, target, hidden_grid=hidden_grid, target_grid=target_grid, step=step)
         return (None if loss_fn.schedule.is_cut_off else loss), self._named(logs)
 
+    def use_feature_cache(self, feature_cache: Union[FeatureCache, str, os.PathLike, None]) -> "_Regularizer":
+        """Read the encoder's tokens through `feature_cache` (a folder or a FeatureCache; None:
+        no cache): calls then pass `keys=`, hits skip the VAE decode and the encoder, misses
+        compute, store and use the stored values. Returns the regularizer."""
+        self.feature_cache = open_feature_cache(feature_cache)
+        self._cache_bound = []  # None (pixels) and the VAE, once bound
+        return self
+
     def encode(self, *, pixels: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
-               device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Grid]:
-        """The encoder's (tokens on `device`, grid) for `pixels` or for `latents` decoded with the VAE."""
+               device: Optional[torch.device] = None, keys: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, Grid]:
+        """The encoder's (tokens on `device`, grid) for `pixels` or for `latents` decoded with the
+        VAE; with a feature cache, through it for the samples `keys`."""
         if (pixels is None) == (latents is None):
             raise ValueError("pass exactly one of pixels= (B, 3, H, W) in [0, 1] or latents= (decoded with the vae)")
-        if latents is not None:
-            if self.vae is None:
-                raise ValueError("latents were given but the regularizer has no vae: build it with vae=... "
-                                 "or pass pixels=")
-            if "latents" not in self._warned:
-                self._warn_once("latents", latent_scale_problem(self.vae, latents))
-            pixels = pixels_from_latents(self.vae, latents)
-        elif "pixels" not in self._warned and isinstance(pixels, torch.Tensor) and pixels.is_floating_point():
+        if latents is not None and self.vae is None:
+            raise ValueError("latents were given but the regularizer has no vae: build it with vae=... "
+                             "or pass pixels=")
+        if latents is not None and "latents" not in self._warned:
+            self._warn_once("latents", latent_scale_problem(self.vae, latents))
+        elif pixels is not None and "pixels" not in self._warned and isinstance(pixels, torch.Tensor) \
+                and pixels.is_floating_point():
             self._warn_once("pixels", pixel_range_problem(pixels))
+        cache = self.feature_cache
+        if (cache is None) != (keys is None):
+            raise ValueError("keys= goes with a feature cache: build the regularizer with feature_cache=DIR"
+                             if cache is None else f"the regularizer reads targets through {cache}: pass keys=, "
+                                                   f"one string per sample")
+        inputs, vae = (latents, self.vae) if latents is not None else (pixels, None)
+        if cache is None:
+            return self._compute_targets(inputs, vae, device)
+        if vae not in self._cache_bound:  # once per input kind: the fingerprint reads weights
+            cache.bind(producer_of(self.encoder, vae, cache.dtype or self.encoder.dtype))
+            self._cache_bound.append(vae)
+        tokens, grid = cache.targets(keys, inputs, lambda misses: self._compute_targets(misses, vae, device))
+        return (tokens if device is None else tokens.to(device)), grid
+
+    def _compute_targets(self, inputs: torch.Tensor, vae: Optional[nn.Module],
+                         device: Optional[torch.device]) -> Tuple[torch.Tensor, Grid]:
+        """The encoder's tokens of pixels, or of latents decoded with `vae`."""
+        pixels = inputs if vae is None else pixels_from_latents(vae, inputs)
         encoder = self.encoder
         if device is not None and encoder.device != device:
             encoder.to(device)  # the encoder follows the features (e.g. each DDP rank's GPU)
@@ -255,17 +286,18 @@ class RepaRegularizer(_Regularizer):
     def from_config(cls, config: Union[Mapping[str, Any], RepaConfig], model: nn.Module, *,
                     encoder: Optional[VisionEncoder] = None, vae: Optional[nn.Module] = None,
                     max_train_steps: Optional[int] = None, backend: Optional[str] = None,
-                    hidden_dim: Optional[int] = None,
-                    encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    hidden_dim: Optional[int] = None, encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    feature_cache: Union[FeatureCache, str, os.PathLike, None] = None,
                     log_names: str = "repa_fast") -> "RepaRegularizer":
         """`config`: the trainer's config (keys without the `crepa_` prefix are ignored) or a
         RepaConfig. `encoder`: default `VisionEncoder.from_pretrained(crepa_model or crepa_encoder,
         crepa_encoder_image_size, **encoder_kwargs)`. `vae`: decodes `latents=` (not needed with
         `pixels=`). `hidden_dim`: the block's width, by default heads x head dim from the model's
-        config. `max_train_steps`: for a decay schedule with `crepa_decay_steps` 0. `log_names`:
-        "repa_fast" (alignment, similarity, weight) or "simpletuner" (crepa_loss, crepa_alignment_score,
-        ..., as SimpleTuner 4.10.1 logs them). Disabled, it is built the same way (the model checked,
-        the projector made) but loads no encoder."""
+        config. `max_train_steps`: for a decay schedule with `crepa_decay_steps` 0. `feature_cache`: a
+        folder or FeatureCache the encoder's tokens are read through (see `use_feature_cache`).
+        `log_names`: "repa_fast" (alignment, similarity, weight) or "simpletuner" (crepa_loss,
+        crepa_alignment_score, ..., as SimpleTuner 4.10.1 logs them). Disabled, it is built the same
+        way (the model checked, the projector made) but loads no encoder."""
         given, config = config, cls._parse_config(config)
         inner = unwrap_model(model)
         if not _is_dit(inner):
@@ -279,7 +311,7 @@ class RepaRegularizer(_Regularizer):
         loss = RepaLoss(hidden_dim, encoder_dim, schedule=config.schedule(max_train_steps),
                         spatial_align=config.spatial_align, backend=backend,
                         token_alignment=config.token_alignment)
-        return cls(config, model, loss, encoder, vae, block_index)._with_log_names(log_names)
+        return cls(config, model, loss, encoder, vae, block_index)._with_log_names(log_names).use_feature_cache(feature_cache)
 
     def __init__(self, config: RepaConfig, model: nn.Module, loss: RepaLoss,
                  encoder: Optional[VisionEncoder], vae: Optional[nn.Module], block_index: int):
@@ -315,8 +347,8 @@ class URepaRegularizer(_Regularizer):
     def from_config(cls, config: Union[Mapping[str, Any], URepaConfig], model: nn.Module, *,
                     encoder: Optional[VisionEncoder] = None, vae: Optional[nn.Module] = None,
                     max_train_steps: Optional[int] = None, backend: Optional[str] = None,
-                    hidden_dim: Optional[int] = None,
-                    encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    hidden_dim: Optional[int] = None, encoder_kwargs: Optional[Mapping[str, Any]] = None,
+                    feature_cache: Union[FeatureCache, str, os.PathLike, None] = None,
                     log_names: str = "repa_fast") -> "URepaRegularizer":
         """As RepaRegularizer.from_config with `urepa_*` keys; the encoder defaults to
         `urepa_model`, `hidden_dim` to the UNet's `block_out_channels[-1]`, and with
@@ -337,7 +369,7 @@ class URepaRegularizer(_Regularizer):
         loss = URepaLoss(hidden_dim, encoder_dim, manifold_weight=config.manifold_weight,
                          schedule=config.schedule(max_train_steps), backend=backend,
                          token_alignment=config.token_alignment)
-        return cls(config, model, loss, encoder, vae)._with_log_names(log_names)
+        return cls(config, model, loss, encoder, vae)._with_log_names(log_names).use_feature_cache(feature_cache)
 
     def capture(self) -> CaptureContext:
         """`with reg.capture() as cap:` around the UNet's forward; then `reg(cap, ...)`."""

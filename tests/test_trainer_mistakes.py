@@ -84,7 +84,7 @@ def caught(action):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         action()
-    return [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
+    return [str(w.message) for w in seen if issubclass(w.category, rf.InputWarning)]
 
 
 def test_encoder_given_against_the_config():

@@ -6,6 +6,7 @@ from .config import RepaConfig, URepaConfig
 from .integrations.encoders import VisionEncoder
 from .integrations.feature_cache import (FeatureCache, FeatureCacheMismatchError, FeatureCacheWarning,
                                          fill_feature_cache)
+from .integrations.input_checks import InputWarning
 from .functional import align_tokens, cosine_alignment_loss, manifold_loss, repa_loss, urepa_loss
 from .modules import RepaLoss, RepaProjector, URepaLoss
 from .integrations.regularizers import RepaRegularizer, URepaRegularizer
@@ -19,4 +20,5 @@ __all__ = [
     "BackendUnavailableError", "AlignmentPlan", "plan_alignment", "__version__",
     "VisionEncoder", "capture_unet_mid_block", "capture_transformer_block", "RepaRegularizer", "URepaRegularizer",
     "FeatureCache", "FeatureCacheMismatchError", "FeatureCacheWarning", "fill_feature_cache",
+    "InputWarning",
 ]

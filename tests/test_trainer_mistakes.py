@@ -84,7 +84,7 @@ def caught(action):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         action()
-    return [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
+    return [str(w.message) for w in seen if issubclass(w.category, rf.InputWarning)]
 
 
 def test_encoder_given_against_the_config():
@@ -118,6 +118,7 @@ def test_pixels_out_of_range_warned_once():
     reg = rf.URepaRegularizer.from_config(UREPA, unet, encoder=encoder())
     in_range = torch.rand(2, 3, 16, 16).clamp(0.02, 0.98) * 1.04 - 0.02  # bicubic-like overshoot is fine
     assert caught(lambda: step(reg, in_range)) == []
+    assert caught(lambda: step(reg, torch.full((2, 3, 16, 16), float("nan")))) == []  # NaN: the loss's business
 
 
 def test_unscaled_latents_warned_once():

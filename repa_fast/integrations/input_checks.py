@@ -28,8 +28,8 @@ class InputWarning(UserWarning):
 def pixel_range_problem(pixels: torch.Tensor) -> Optional[str]:
     """Why `pixels` do not look like images in [0, 1], or None."""
     low, high = (float(v) for v in torch.stack(torch.aminmax(pixels.detach())).float().tolist())
-    if -PIXEL_SLACK <= low and high <= 1 + PIXEL_SLACK:
-        return None
+    if not (math.isfinite(low) and math.isfinite(high)) or (-PIXEL_SLACK <= low and high <= 1 + PIXEL_SLACK):
+        return None  # NaN / Inf propagate to the loss, as everywhere else
     if high > 2:
         guess = "they look like [0, 255]: pass pixels / 255"
     elif low < -0.5:

@@ -198,11 +198,12 @@ class _Regularizer(nn.Module):
         Pixels outside [0, 1] and latents that look unscaled are warned about, once each.
 
         Returns `(loss, logs)`; loss is None when the config is disabled (logs empty; `hidden`
-        may then be a disabled capture's None) or when the schedule has cut the loss off. Off for good (past `cutoff_step`, or a "permanent"
-        similarity cutoff) nothing is decoded or encoded and logs are `{"weight": 0.0}`, as
-        SimpleTuner skips the work; a "recoverable" cutoff still computes the similarity its EMA
-        needs, and logs it. `step`: the trainer's global step (default: the regularizer's own count).
-        `keys`: the samples' keys (strings), with a feature cache (`use_feature_cache`).
+        may then be a disabled capture's None) or when the schedule has cut the loss off. Off
+        for good (past `cutoff_step`, or a "permanent" similarity cutoff) nothing is decoded or
+        encoded and logs are `{"weight": 0.0}`, as SimpleTuner skips the work; a "recoverable"
+        cutoff still computes the similarity its EMA needs, and logs it. `step`: the trainer's
+        global step (default: the regularizer's own count). `keys`: the samples' keys (strings),
+        with a feature cache (`use_feature_cache`).
         """
         if isinstance(hidden, CaptureContext):
             raise TypeError("the regularizer got the context manager that capture() returns, not what it captured: "

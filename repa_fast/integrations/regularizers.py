@@ -113,7 +113,7 @@ class _Regularizer(nn.Module):
         self.log_names = check_log_names(log_names)
         return self
 
-    def _named(self, logs: Dict[str, float]) -> Dict[str, Any]:
+    def _logs_as_configured(self, logs: Dict[str, float]) -> Dict[str, Any]:
         if self.log_names == "repa_fast" or not logs:
             return logs
         loss_fn = self.alignment_loss
@@ -158,13 +158,13 @@ class _Regularizer(nn.Module):
         if loss_fn.schedule.is_off(current):
             if loss_fn.training:
                 loss_fn.step_count = int(current) + 1  # as the loss's own forward counts steps
-            return None, self._named({"weight": 0.0})
+            return None, self._logs_as_configured({"weight": 0.0})
         if isinstance(hidden, FeatureCapture):
             hidden_grid = hidden.grid if hidden_grid is None else hidden_grid
             hidden = hidden.output
         target, target_grid = self.encode(pixels=pixels, latents=latents, device=hidden.device)
         loss, logs = loss_fn(hidden, target, hidden_grid=hidden_grid, target_grid=target_grid, step=step)
-        return (None if loss_fn.schedule.is_cut_off else loss), self._named(logs)
+        return (None if loss_fn.schedule.is_cut_off else loss), self._logs_as_configured(logs)
 
     def encode(self, *, pixels: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
                device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Grid]:

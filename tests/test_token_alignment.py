@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import repa_fast as rf
 from repa_fast.alignment import plan_alignment

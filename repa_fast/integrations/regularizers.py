@@ -163,7 +163,7 @@ class _Regularizer(nn.Module):
         self.log_names = check_log_names(log_names)
         return self
 
-    def _named(self, logs: Dict[str, float]) -> Dict[str, Any]:
+    def _logs_as_configured(self, logs: Dict[str, float]) -> Dict[str, Any]:
         if self.log_names == "repa_fast" or not logs:
             return logs
         loss_fn = self.alignment_loss
@@ -221,10 +221,10 @@ class _Regularizer(nn.Module):
         if loss_fn.schedule.is_off(current):
             if loss_fn.training:
                 loss_fn.step_count = int(current) + 1  # as the loss's own forward counts steps
-            return None, self._named({"weight": 0.0})
+            return None, self._logs_as_configured({"weight": 0.0})
         target, target_grid = self.encode(pixels=pixels, latents=latents, device=hidden.device, keys=keys)
         loss, logs = loss_fn(hidden, target, hidden_grid=hidden_grid, target_grid=target_grid, step=step)
-        return (None if loss_fn.schedule.is_cut_off else loss), self._named(logs)
+        return (None if loss_fn.schedule.is_cut_off else loss), self._logs_as_configured(logs)
 
     def use_feature_cache(self, feature_cache: Union[FeatureCache, str, os.PathLike, None]) -> "_Regularizer":
         """Read the encoder's tokens through `feature_cache` (a folder or a FeatureCache; None:

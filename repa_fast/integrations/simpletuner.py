@@ -228,7 +228,7 @@ def apply(crepa_module: Optional[ModuleType] = None, *, patch_tokens: bool = Fal
         raise RuntimeError(f"repa_fast.integrations.simpletuner.apply() is tested with SimpleTuner "
                            f"{', '.join(SUPPORTED_VERSIONS)} only, found {version}: its regularizers may differ, so "
                            f"nothing was patched")
-    for name, make_patch in _PATCHES.items():
+    for name in _PATCHES:
         cls = getattr(module, name, None)
         if cls is None or not callable(getattr(cls, "compute_loss", None)):
             raise RuntimeError(f"{module.__name__}.{name}.compute_loss not found: not SimpleTuner's crepa module")

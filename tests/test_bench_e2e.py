@@ -10,7 +10,16 @@ from repa_fast import cli  # noqa: E402
 from repa_fast.cli import bench_e2e  # noqa: E402
 
 
-def test_e2e_preset_times_every_part(monkeypatch, capsys):
+@pytest.fixture
+def one_thread():
+    """Small models on a shared 2-core machine: one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_e2e_preset_times_every_part(monkeypatch, capsys, one_thread):
     # The real taesdxl and DINOv2-B architectures on a 16px image: every part, fast.
     tiny = bench_e2e.E2ECase("e2e.tiny", "urepa", 1, "taesdxl", 2, "dinov2-b", 28, 1, 1280)
     monkeypatch.setitem(bench_e2e.E2E_PRESETS, "e2e-cpu", [tiny])

@@ -200,22 +200,26 @@ def test_write_killed_midway_leaves_the_old_entry_or_none(tmp_path):
 
 
 FILLER = textwrap.dedent("""
-    import sys, torch
+    import os, sys, time, torch
     import repa_fast as rf
     sys.path.insert(0, sys.argv[2])
     from test_encoders import tiny_dinov2
     torch.manual_seed(0)
     encoder = rf.VisionEncoder(tiny_dinov2(), image_size=56)
-    order = range(40) if sys.argv[3] == "up" else reversed(range(40))
+    open(f"{sys.argv[1]}-ready-{sys.argv[3]}", "w").close()  # start filling together
+    while not all(os.path.exists(f"{sys.argv[1]}-ready-{side}") for side in ("up", "down")):
+        time.sleep(0.01)
+    order = range(16) if sys.argv[3] == "up" else reversed(range(16))
     def items():
         for i in order:
             yield f"img/{i}", torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(i))
-    print(rf.fill_feature_cache(sys.argv[1], items(), encoder=encoder, batch_size=3))
+    print(rf.fill_feature_cache(sys.argv[1], items(), encoder=encoder, batch_size=2))
 """)
 
 
 def test_two_processes_fill_one_cache(tmp_path):
-    runs = [subprocess.Popen([sys.executable, "-c", FILLER, str(tmp_path), str(TESTS), order],
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on a small machine
+    runs = [subprocess.Popen([sys.executable, "-c", FILLER, str(tmp_path), str(TESTS), order], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for order in ("up", "down")]
     for proc in runs:
         out, err = proc.communicate(timeout=300)
@@ -225,8 +229,8 @@ def test_two_processes_fill_one_cache(tmp_path):
     cache = rf.FeatureCache(tmp_path)
     cache.bind(fc.producer_of(enc, None, torch.float32))  # the manifest the first process wrote
     files = list(cache.entry_files())
-    assert len(files) == 40 and not cache.temp_files()
-    for i in range(40):
+    assert len(files) == 16 and not cache.temp_files()
+    for i in range(16):
         entry = cache.get(f"img/{i}")
         expected, _ = enc(torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(i)))
         torch.testing.assert_close(entry.tokens, expected[0], rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ full) is reported once and the run goes on, serving what is there and computing 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -181,28 +182,26 @@ def _entry_bytes(key: str, tokens: torch.Tensor, grid: Grid, input_shape: Sequen
     return save({"tokens": tokens}, metadata=meta)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """`path` holds `data` whole or is untouched: a temporary file in the same folder, fsync'ed,
-    then renamed over it (atomic on POSIX and on Windows' NTFS)."""
+    then renamed over it (atomic on POSIX and on Windows' NTFS). `exclusive`: linked instead,
+    FileExistsError when `path` exists (of two concurrent writers, the first one's file stands)."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".part")
+    renamed = False
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(temp)
-        raise
-
-
-class _suppress_os_error:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        return kind is not None and issubclass(kind, OSError)
+        if exclusive:
+            os.link(temp, path)
+        else:
+            os.replace(temp, path)
+            renamed = True
+    finally:
+        if not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -280,23 +279,11 @@ class FeatureCache:
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         from .. import __version__
         manifest["repa_fast"] = __version__
-        path = self.directory / MANIFEST
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, temp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=".part")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(manifest, handle, indent=1)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                # Exclusive: of two processes creating one cache, the first manifest stands and
-                # the other is checked against it.
-                os.link(temp, path)
-            finally:
-                with _suppress_os_error():
-                    os.unlink(temp)
+            write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode(), exclusive=True)
         except FileExistsError:
-            pass
+            pass  # another process created it first: checked against this run's producer by bind
         except OSError as err:
             self._write_failed(err)
             return
@@ -507,7 +494,7 @@ def prune(cache: FeatureCache, *, keep_keys: Optional[Iterable[str]] = None, tem
     removed: Dict[str, List[str]] = {"corrupted": [], "not kept": [], "temporary": []}
     now = time.time()
     for path in cache.temp_files():
-        with _suppress_os_error():
+        with contextlib.suppress(OSError):
             if now - path.stat().st_mtime >= temp_older_than_s:
                 removed["temporary"].append(str(path))
     for path in cache.entry_files():
@@ -519,6 +506,6 @@ def prune(cache: FeatureCache, *, keep_keys: Optional[Iterable[str]] = None, tem
     if not dry_run:
         for paths in removed.values():
             for path in paths:
-                with _suppress_os_error():
+                with contextlib.suppress(OSError):
                     os.unlink(path)
     return removed

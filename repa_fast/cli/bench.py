@@ -208,6 +208,8 @@ class Timing:
 def timed(workload: Workload, device: torch.device, quick: bool) -> Timing:
     """`time_step` of the workload, with the CPU time other processes took meanwhile (all usable
     CPUs' busy time minus this process's) and the graphs torch.compile compiled meanwhile."""
+    workload.step()  # a compile this first step triggers is warm-up; one in the steps after it is counted
+    synchronize(device)
     cpus = _usable_cpus()
     busy, own, wall, compiled = _cpus_busy_seconds(cpus), time.process_time(), time.perf_counter(), compile_count()
     samples = sorted(time_step(workload.step, device, quick))

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import repa_fast as rf
 from repa_fast.cli import bench, main
 from repa_fast.cli.bench_cases import (BASELINE, BASELINE_COMPILED, COMPILED, PRESETS, Workload, _loss_fn,
                                        bench_backends, compile_count, make_workload, select_cases)
@@ -254,10 +253,40 @@ def test_design_preset_is_design_section_5():
 
 
 def test_pytest_benchmark_suite_runs_its_quick_preset():
-    expected = len(PRESETS["quick"]()) * len(bench_backends(torch.device("cpu")))
+    # simpletuner.compile would double the compiles; test_compile_rows_time_the_compiled_step runs it.
+    backends = [b for b in bench_backends(torch.device("cpu")) if b != BASELINE_COMPILED]
+    expected = len(PRESETS["quick"]()) * len(backends)
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
-                           "--benchmark-disable", "--bench-device", "cpu", "--bench-cases", "quick"],
+                           "--benchmark-disable", "--bench-device", "cpu", "--bench-cases", "quick",
+                           "--bench-backends", ",".join(backends)],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{expected} passed" in proc.stdout
+
+
+def test_makefile_reinstalls_torch_when_torch_spec_changes_and_picks_the_bench_device(tmp_path):
+    """With a stand-in venv whose python and repa-fast only log their arguments: the first
+    `make test` installs TORCH_SPEC, the same spec again installs nothing, another spec
+    reinstalls torch; `make bench` leaves the device to the bench (cuda when present) unless
+    DEVICE is given."""
+    bin_dir, log = tmp_path / "venv" / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(parents=True)
+    for tool in ("python", "repa-fast"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')
+        (bin_dir / tool).chmod(0o755)
+
+    def make(*args):
+        log.write_text("")
+        subprocess.run(["make", "-s", "-C", str(REPO), f"VENV={tmp_path / 'venv'}", *args], check=True,
+                       capture_output=True, timeout=60)
+        return log.read_text().splitlines()
+
+    first = make("test", "TORCH_SPEC=torch==2.13.0")
+    assert "python -m pip install -q torch==2.13.0" in first and first[-1] == "python -m pytest -q tests"
+    assert make("test", "TORCH_SPEC=torch==2.13.0") == ["python -m pytest -q tests"]
+    changed = make("test", "TORCH_SPEC=torch")
+    assert changed.index("python -m pip uninstall -q -y torch") < changed.index("python -m pip install -q torch")
+    assert "python -m pip install -q -e .[test,bench]" in changed
+    assert make("bench", "TORCH_SPEC=torch") == ["repa-fast bench --quick --out bench_out"]
+    assert make("bench", "TORCH_SPEC=torch", "DEVICE=cpu") == ["repa-fast bench --device cpu --quick --out bench_out"]

@@ -117,7 +117,7 @@ class Row:
     floor_fraction: Optional[float] = None
     compile_s: Optional[float] = None
     other_cores_busy: Optional[float] = None  # CPU cores other processes kept busy during the timed steps
-    warning: str = ""  # why the row is unreliable, or why it has no floor fraction
+    warning: str = ""  # why the row is unreliable: starts with UNRELIABLE; "" when reliable
     error: str = ""
     meta: Dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -193,7 +193,7 @@ class Timing:
     def problems(self, device: torch.device, spread_counts: bool = True) -> List[str]:
         """Why these samples may not be the step's time (empty: reliable)."""
         found = []
-        spread = self.quantile(0.8) / self.quantile(0.2)
+        spread = self.quantile(0.8) / max(self.quantile(0.2), 1e-9)
         if spread_counts and spread > SPREAD_LIMIT:
             found.append(f"spread p80/p20 {spread:.1f}x")
         cpus = len(_usable_cpus())

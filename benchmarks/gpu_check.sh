@@ -9,7 +9,7 @@
 #      and torch.compile) while the bench's time budget lasts.
 # Output folder: $1, else $OUT, else ./gpu_out. It receives versions.log, build.log, tests.log,
 # bench.log, results.json, results.csv, plot.png and summary.json (8 files, nothing deeper). Each
-# stage has its own time limit (versions 20 s, build 140 s, tests 150 s, bench 145 s, each killed
+# stage has its own time limit (versions 20 s, build 140 s, tests 150 s, bench 140 s, each killed
 # 5 s after its limit: under 8 min in all) and a failed or timed-out stage does not stop the
 # next; summary.json records each stage's exit code and seconds. The exit code is 0 only when
 # every stage passed.
@@ -41,8 +41,8 @@ stage tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 t
 # The runner stops starting measurements after --time-budget seconds (skipped rows) and rewrites
 # results.json/csv after every row, so even a timeout keeps what was measured. --quick: 0.3 s of
 # timed steps per row, so the baseline and every backend fit on all eight cases.
-stage bench 145 bash -c 'python3 -m repa_fast.cli info; echo
-    exec python3 -m repa_fast.cli bench --device cuda --cases design --quick --time-budget 105 --out "$0"' "$out"
+stage bench 140 bash -c 'python3 -m repa_fast.cli info; echo
+    exec python3 -m repa_fast.cli bench --device cuda --cases design --quick --time-budget 100 --out "$0"' "$out"
 
 python3 - "$out" "${stages[@]}" <<'PY'
 import datetime, json, subprocess, sys
@@ -55,7 +55,7 @@ for entry in sys.argv[2:]:
     stages.append({"stage": name, "status": status, "exit_code": int(rc), "seconds": int(seconds), "limit_s": int(limit)})
 try:
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=20).stdout.strip()
+                         capture_output=True, text=True, timeout=5).stdout.strip()
 except (OSError, subprocess.SubprocessError) as err:
     gpu = f"nvidia-smi failed: {err}"
 versions = out / "versions.log"

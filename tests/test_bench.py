@@ -290,3 +290,18 @@ def test_makefile_reinstalls_torch_when_torch_spec_changes_and_picks_the_bench_d
     assert "python -m pip install -q -e .[test,bench]" in changed
     assert make("bench", "TORCH_SPEC=torch") == ["repa-fast bench --quick --out bench_out"]
     assert make("bench", "TORCH_SPEC=torch", "DEVICE=cpu") == ["repa-fast bench --device cpu --quick --out bench_out"]
+
+
+def test_gpu_check_prints_versions_first_benches_every_row_and_fits_8_minutes():
+    import re
+
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    stages = re.findall(r"^stage (\w+) (\d+) (.*)$", script, flags=re.M)
+    assert [name for name, _, _ in stages] == ["versions", "build", "tests", "bench"]
+    versions = script[script.index("stage versions"):script.index("stage build")]
+    assert all(word in versions for word in ("torch.__version__", "triton.__version__", "torch.version.cuda", "nvcc"))
+    bench_stage = script[script.index("stage bench"):script.index("python3 - ")]
+    assert "bench --device cuda" in bench_stage and "--backends" not in bench_stage  # the baselines included
+    kill_after = int(re.search(r"--kill-after=(\d+)", script).group(1))
+    summary_timeout = int(re.search(r"timeout=(\d+)\)", script).group(1))
+    assert sum(int(limit) + kill_after for _, limit, _ in stages) + summary_timeout < 8 * 60

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, TypeVar
 
 import torch
 
-from .bench_cases import (BASELINE, COMPILED, EXTRA_ROWS, PRESETS, Case, Workload, all_cases, bench_backends,
+from .bench_cases import (BASELINE, COMPILED, EXTRA_ROWS, PRESETS, ROWS, Case, Workload, all_cases, bench_backends,
                           compile_count, default_preset, make_workload, select_cases, synchronize)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,7 +73,8 @@ HELP = """Columns of the table (and fields of results.json / results.csv):
   note                   compile seconds of torch.compile rows; "UNRELIABLE" with the reason when the
                          spread p80/p20 exceeds {spread}, when other processes kept more CPU cores busy
                          than the run leaves free (+{slack}), or when torch.compile recompiled during
-                         the timed steps; such a row is measured twice and the faster measurement kept.
+                         the timed steps. Such a measurement is taken once more and the faster of the
+                         two kept; the row is marked only when that one is unreliable too.
 """
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cpu; quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="the quick preset and shorter timing")
     parser.add_argument("--backends", default=None,
-                        help=f"comma-separated subset of {', '.join(EXTRA_ROWS)}, torch, triton, cuda (default: "
+                        help=f"comma-separated subset of {', '.join(ROWS)} (default: "
                              "the SimpleTuner baselines, every backend that runs on the device, and "
                              f"{COMPILED}; the Triton interpreter is never timed unless named)")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
@@ -459,7 +460,8 @@ def write_plot(path: Path, rows: List[Row]) -> str:
         ax_speed.set_ylim(min(shown) / 2, max(shown) * 6)
     ax_speed.axhline(1.0, color="black", linewidth=0.8)
     ax_speed.set_ylabel(f"speedup over {BASELINE} (x)\nbar labels: median ms")
-    ax_speed.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="row", title_fontsize=8)
+    ax_speed.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="row",
+                    title_fontsize=8)  # beside the plot: never over a group
     ax_mem.set_ylabel("peak MiB above inputs")
     ax_mem.set_xticks(range(len(cases)), cases, rotation=35, ha="right", fontsize=7)
     fig.suptitle(f"repa-fast fwd+bwd, {rows[0].meta.get('device', '')} ({rows[0].dtype})\nhatched: unreliable; "
@@ -514,8 +516,9 @@ def run(args: argparse.Namespace) -> int:
             row = measure(case, backend, device, dtype, args.quick)
         row.meta = row_meta
         rows.append(row)
-        status = row.error or f"{_ms(row.median_ms)} ms, {row.peak_mib:.1f} MiB" + (f"; {row.warning}" if row.warning else "")
-        print(f"  {case.name} [{backend}]: {status}", file=sys.stderr, flush=True)
+        status = row.error or f"{_ms(row.median_ms)} ms, {row.peak_mib:.1f} MiB"
+        warning = f"; {row.warning}" if row.warning else ""
+        print(f"  {case.name} [{backend}]: {status}{warning}", file=sys.stderr, flush=True)
         if out:  # after every row, so a run cut short keeps what it measured
             fill_derived(rows, by_name, peak)
             write_results(out, rows, meta)

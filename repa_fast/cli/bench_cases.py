@@ -32,8 +32,9 @@ COMPILED = "torch.compile"  # torch.compile of the torch backend, benchmarked be
 BASELINE = "simpletuner"  # the seed system's math, plain autograd: every row's speedup is against it
 BASELINE_COMPILED = "simpletuner.compile"
 # Rows that are not repa-fast backends: the loss each one runs, and whether torch.compile wraps it.
-EXTRA_ROWS: Dict[str, Tuple[str, bool]] = {COMPILED: ("torch", True), BASELINE: (BASELINE, False),
-                                           BASELINE_COMPILED: (BASELINE, True)}
+EXTRA_ROWS: Dict[str, Tuple[str, bool]] = {BASELINE: (BASELINE, False), BASELINE_COMPILED: (BASELINE, True),
+                                           COMPILED: ("torch", True)}
+ROWS = (BASELINE, BASELINE_COMPILED, "torch", "triton", "cuda", COMPILED)  # every row a case can have, in table order
 UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # the seed's defaults; DESIGN §5's U-REPA case
 
 
@@ -185,13 +186,12 @@ def bench_backends(device: torch.device, requested: Optional[Sequence[str]] = No
     """The rows to measure per case: every backend that runs on `device`, torch.compile of the
     torch backend and the SimpleTuner baselines. On CPU the triton backend runs only under the
     Triton interpreter, whose timings mean nothing: it is measured there only when asked for by name."""
-    runnable = [BASELINE, BASELINE_COMPILED] + available_backends(device) + [COMPILED]
+    runnable = [b for b in ROWS if b in EXTRA_ROWS or b in available_backends(device)]
     if requested is None:
         return [b for b in runnable if not (device.type == "cpu" and b == "triton")]
-    known = ("torch", "triton", "cuda", *EXTRA_ROWS)
-    unknown = [b for b in requested if b not in known]
+    unknown = [b for b in requested if b not in ROWS]
     if unknown:
-        raise ValueError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        raise ValueError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     return list(requested)
 
 

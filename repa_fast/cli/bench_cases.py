@@ -246,6 +246,8 @@ def simpletuner_loss(op: str, *args: torch.Tensor) -> torch.Tensor:
     if op == "manifold":
         projected, target = args
         return simpletuner_manifold(F.normalize(projected.float(), dim=-1), F.normalize(target.float(), dim=-1))
+    if op not in ("repa", "urepa"):
+        raise ValueError(f"no {BASELINE} baseline for op {op!r}: add it here beside the case")
     z, t = simpletuner_projection(*args)
     if op == "repa":
         return simpletuner_cosine(z, t)

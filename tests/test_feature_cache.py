@@ -251,6 +251,8 @@ def test_mismatched_encoder_vae_or_settings_are_refused(tmp_path):
         other, _, _ = urepa(tmp_path, **parts)
         with pytest.raises(rf.FeatureCacheMismatchError, match=field.replace(".", r"\.")):
             other.encode(latents=torch.randn(1, 4, 8, 8), keys=["k"])
+    enc.model.config._name_or_path = "/another/node/dinov2"  # the same weights from elsewhere: accepted
+    urepa(tmp_path, enc=enc, vae=reg.vae)[0].encode(latents=torch.randn(1, 4, 8, 8), keys=["k"])
     with pytest.raises(rf.FeatureCacheMismatchError, match="input: cache has 'latents', this run 'pixels'"):
         reg.encode(pixels=torch.rand(1, 3, 16, 16), keys=["p"])
     half = urepa(None, enc=enc, vae=reg.vae)[0].use_feature_cache(rf.FeatureCache(tmp_path / "cache",

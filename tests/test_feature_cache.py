@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -290,7 +291,6 @@ def test_unwritable_cache_warns_once_and_training_goes_on(tmp_path, monkeypatch,
     uncached = step(plain, unet, inputs, latents=latents)
     for a, b in zip([cached[0], *cached[1]], [uncached[0], *uncached[1]]):
         assert torch.equal(a, b)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once
         step(fresh, unet, inputs, latents=latents, keys=["x", "y"])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,8 @@ def test_mismatched_encoder_vae_or_settings_are_refused(tmp_path):
         other, _, _ = urepa(tmp_path, **parts)
         with pytest.raises(rf.FeatureCacheMismatchError, match=field.replace(".", r"\.")):
             other.encode(latents=torch.randn(1, 4, 8, 8), keys=["k"])
+    enc.model.config._name_or_path = "/another/node/dinov2"  # the same weights from elsewhere: accepted
+    urepa(tmp_path, enc=enc, vae=reg.vae)[0].encode(latents=torch.randn(1, 4, 8, 8), keys=["k"])
     with pytest.raises(rf.FeatureCacheMismatchError, match="input: cache has 'latents', this run 'pixels'"):
         reg.encode(pixels=torch.rand(1, 3, 16, 16), keys=["p"])
     half = urepa(None, enc=enc, vae=reg.vae)[0].use_feature_cache(rf.FeatureCache(tmp_path / "cache",
@@ -288,7 +291,6 @@ def test_unwritable_cache_warns_once_and_training_goes_on(tmp_path, monkeypatch,
     uncached = step(plain, unet, inputs, latents=latents)
     for a, b in zip([cached[0], *cached[1]], [uncached[0], *uncached[1]]):
         assert torch.equal(a, b)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once
         step(fresh, unet, inputs, latents=latents, keys=["x", "y"])

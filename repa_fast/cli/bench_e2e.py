@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -279,6 +279,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     rows: List[Row] = []
     flops: Dict[Tuple[str, str], float] = {}
     for case in cases:
+        print(f"# {case.name}: {case.about}", flush=True)
         flops.update(((case.name, part), value) for part, value in count_flops(case, dtype).items())
         rows += measure_case(case, device, dtype, args.quick)
         for row in rows:

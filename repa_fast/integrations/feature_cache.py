@@ -116,6 +116,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"dtype must be one of torch.float32, torch.float16, torch.bfloat16, got {dtype!r}")
 
 
+def _identity(producer: Mapping[str, Any]) -> Dict[str, Any]:
+    """The producer without the models' names or paths (recorded, not compared)."""
+    return {name: ({k: v for k, v in value.items() if k != "name_or_path"} if isinstance(value, dict) else value)
+            for name, value in producer.items()}
+
+
 def _differences(stored: Any, wanted: Any, path: str = "") -> List[str]:
     if isinstance(stored, dict) and isinstance(wanted, dict):
         return [d for name in sorted(set(stored) | set(wanted))
@@ -262,12 +268,14 @@ class FeatureCache:
 
     def bind(self, producer: Mapping[str, Any]) -> None:
         """Use the cache for tokens made by `producer` (`producer_of(...)`): checked against the
-        manifest, which is written when the cache is new. Raises FeatureCacheMismatchError."""
+        manifest, which is written when the cache is new. Raises FeatureCacheMismatchError. The
+        names or paths the models were loaded from are recorded, not compared: the same weights
+        loaded from another folder (another node, a moved checkpoint) make the same tokens."""
         wanted = json.loads(json.dumps(producer))
         if self.manifest is None:
             self._create_manifest(wanted)
-        if self.manifest is not None and self.manifest["producer"] != wanted:
-            found = "\n  ".join(_differences(self.manifest["producer"], wanted))
+        if self.manifest is not None and _identity(self.manifest["producer"]) != _identity(wanted):
+            found = "\n  ".join(_differences(_identity(self.manifest["producer"]), _identity(wanted)))
             raise FeatureCacheMismatchError(
                 f"feature cache {self.directory} was filled by another encoder setup; serving it would train "
                 f"on wrong targets. Differences:\n  {found}\nUse another folder (or remove this one).")

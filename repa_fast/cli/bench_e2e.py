@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from .bench import (Row, _ms, _quantile, device_name, peak_memory_bytes, resolve_dtype, time_step, write_results,
-                    _dtype_name, _version)
+from .bench import (UNRELIABLE, Row, _dtype_name, _ms, _version, device_name, peak_memory_bytes, resolve_dtype,
+                    timed, write_results)
 from .bench_cases import UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT, Workload
 
 # diffusers configs as published (config.json of each repository), written out here.
@@ -208,9 +208,11 @@ def measure_case(case: E2ECase, device: torch.device, dtype: torch.dtype, quick:
             row = Row(case.name, part, "e2e", _dtype_name(dtype), case.shape)
             try:
                 workload = Workload(lambda run=run: run(), step.clear)
-                samples = sorted(time_step(workload.step, device, quick))
-                row.samples = len(samples)
-                row.median_ms, row.p20_ms, row.p80_ms = (_quantile(samples, q) for q in (0.5, 0.2, 0.8))
+                timing = timed(workload, device, quick)
+                row.samples, row.other_cores_busy = len(timing.samples), timing.other_cores_busy
+                row.median_ms, row.p20_ms, row.p80_ms = (timing.quantile(q) for q in (0.5, 0.2, 0.8))
+                problems = timing.problems(device)
+                row.warning = f"{UNRELIABLE}: {'; '.join(problems)}" if problems else ""
                 row.peak_mib = peak_memory_bytes(workload, device) / 2 ** 20
             except Exception as err:  # noqa: BLE001 - a part that fails is a result to report
                 row.error = f"{type(err).__name__}: {str(err).strip()[:200]}"
@@ -225,8 +227,8 @@ def measure_case(case: E2ECase, device: torch.device, dtype: torch.dtype, quick:
 
 
 def markdown_table(rows: List[Row], flops: Dict[Tuple[str, str], float]) -> str:
-    lines = ["| case | part | median ms | p20-p80 ms | peak MiB | GFLOP | share of uncached |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| case | part | median ms | p20-p80 ms | peak MiB | GFLOP | share of uncached | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     uncached = {r.case: r.median_ms for r in rows if r.op == "uncached step" and r.median_ms}
     for r in rows:
         spread = f"{_ms(r.p20_ms)}-{_ms(r.p80_ms)}" if r.median_ms else ""
@@ -234,7 +236,7 @@ def markdown_table(rows: List[Row], flops: Dict[Tuple[str, str], float]) -> str:
         gflop = flops.get((r.case, r.op))
         lines.append(f"| {r.case} | {r.op} | {_ms(r.median_ms) if r.median_ms else r.error} | {spread} | "
                      f"{'' if r.peak_mib is None else f'{r.peak_mib:.1f}'} | "
-                     f"{'' if gflop is None else f'{gflop / 1e9:.4g}'} | {share} |")
+                     f"{'' if gflop is None else f'{gflop / 1e9:.4g}'} | {share} | {r.warning} |")
     return "\n".join(lines)
 
 

@@ -368,3 +368,17 @@ def test_loss_module_with_non_finite_input(module_class, monkeypatch):
     with pytest.raises(ValueError, match=r"^hidden holds non-finite values"):
         module(_poisoned({"h": hidden}, "h", float("inf"))["h"], target)
     assert module.step_count == 2
+
+
+@pytest.mark.parametrize("fn", [rf.repa_loss, rf.urepa_loss], ids=["repa", "urepa"])
+def test_check_finite_skips_tensors_without_values(fn, monkeypatch):
+    """Meta and fake tensors (shape propagation, torch.compile tracing) have no values to check."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setenv("REPA_FAST_CHECK_FINITE", "1")
+    meta = {k: v.to("meta") for k, v in projection_inputs(2, 9, 6, 4, 5).items()}
+    out = fn(**meta, backend="torch")
+    assert all(o.device.type == "meta" and o.shape == () for o in (out if isinstance(out, tuple) else (out,)))
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in projection_inputs(2, 9, 6, 4, 5).items()}
+        out = fn(**fake, backend="torch")
+    assert all(o.shape == () for o in (out if isinstance(out, tuple) else (out,)))

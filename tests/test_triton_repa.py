@@ -258,8 +258,24 @@ def test_backend_dispatch_and_dtype_errors():
     plan = plan_alignment(7, 7)
     direct = projection.repa_loss(*(inputs[k] for k in ("hidden", "target") + PROJECTION_ARGS[1:]), plan, 1e-5)
     assert torch.equal(rf.repa_loss(**inputs, backend="triton"), direct)
-    with pytest.raises(TypeError, match="float64"):
-        rf.repa_loss(**{k: v.double() for k, v in inputs.items()}, backend="triton")
+    doubles = {k: v.double() for k, v in inputs.items()}
+    with pytest.raises(TypeError, match="float64"):   # the kernels themselves take fp32/fp16/bf16 only
+        projection.repa_loss(*(doubles[k] for k in ("hidden", "target") + PROJECTION_ARGS[1:]), plan, 1e-5)
+
+
+@pytest.mark.parametrize("fn, pair", [(rf.repa_loss, False), (rf.urepa_loss, False),
+                                      (rf.cosine_alignment_loss, True), (rf.manifold_loss, True)],
+                         ids=["repa", "urepa", "cosine", "manifold"])
+def test_float64_inputs_go_to_the_torch_backend(fn, pair):
+    """As on the cuda backend: every backend gives the same answer to the same input."""
+    inputs = projection_inputs(2, 9, 6, 4, 5, dtype=torch.float64, param_dtype=torch.float64, device=DEVICE)
+    if pair:
+        inputs = {"projected": torch.randn(2, 4, 5, dtype=torch.float64, device=DEVICE), "target": inputs["target"]}
+    grad_names = ("projected",) if pair else PROJECTION_ARGS
+    expected = outputs_and_grads(fn, inputs, grad_names, backend="torch")
+    result = outputs_and_grads(fn, inputs, grad_names, backend="triton")
+    for key, value in expected.items():
+        assert result[key].dtype == torch.float64 and torch.equal(result[key], value), key
 
 
 def _dense_taps(index, weight, columns):

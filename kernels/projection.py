@@ -777,7 +777,11 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
     _weight_t_vec_kernel[(triton.cdiv(dim, VEC_BLOCK[1]),)](
         proj_weight, grad_b, grad_beta, e_dim, dim, *proj_weight.stride(), BLOCK_E=VEC_BLOCK[0],
         BLOCK_D=VEC_BLOCK[1], num_warps=VEC_BLOCK[2])
-    return (grad_hidden, gamma_part.sum(0).to(ln_weight.dtype), grad_beta.to(ln_bias.dtype), grad_w,
+    # LayerNorm's dgamma sums dy * xhat over every hidden row, so a non-finite row that no output
+    # reads (dy = 0) still makes it NaN there (0 * NaN); the GEMM above saw only the resampled
+    # rows, the row means carry it.
+    grad_gamma = gamma_part.sum(0) + 0.0 * stats[0].sum()
+    return (grad_hidden, grad_gamma.to(ln_weight.dtype), grad_beta.to(ln_bias.dtype), grad_w,
             grad_b.to(proj_weight.dtype))  # the bias shares W's dtype (_projector_params)
 
 

@@ -31,8 +31,8 @@ How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
   LayerNorm backward in `_ln_backward_rows_kernel`.
 * No atomics anywhere: every reduction has a fixed order, so results are bitwise reproducible.
 
-Dtypes: hidden fp32/fp16/bf16 (the target is cast to it), projector params fp32 or the hidden
-dtype. Hidden and target are read in their own dtype; the GEMMs multiply tiles of the operand
+Dtypes: hidden fp32/fp16/bf16, the target in the hidden dtype or else fp32 (an exact cast: a
+1e-8-scale fp32 target would vanish in fp16), projector params fp32 or the hidden dtype. Hidden and target are read in their own dtype; the GEMMs multiply tiles of the operand
 dtype (`operand_dtype`, `operand_class`) with fp32 accumulation:
 * fp16 for both 16-bit activation dtypes: the xhat tiles, Wf, the dL/dz tiles, the resampled rows
   and repa_loss's saved z. bf16 operands (8 mantissa bits) put the gradients at DESIGN.md §4's
@@ -845,7 +845,7 @@ def _fake_common(hidden, proj_weight, kind, dst):
 def _repa_loss_op(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
                   proj_bias: Tensor, resample_kind: str, resample_src: List[int], resample_dst: List[int],
                   ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, z, stats, xa, row_terms, w_folded, folded); target already aligned, hidden dtype."""
+    """(loss, z, stats, xa, row_terms, w_folded, folded); target already aligned, in the hidden dtype or fp32."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
     stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps)
     x, x_stats = _projected_rows(hidden, stats, xa)
@@ -1003,10 +1003,12 @@ def _projector_params(hidden: Tensor, params: Tuple[Tensor, ...]) -> Tuple[Tenso
 def repa_loss(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
               proj_bias: Tensor, plan: AlignmentPlan, ln_eps: float) -> Tensor:
     """-mean cos(align(LayerNorm(hidden) @ W^T + b), align(target)), fp32 scalar; hidden (B, S, D)
-    may be any strided view. The target is aligned (torch) and cast to the hidden dtype first."""
+    may be any strided view. The target is aligned (torch) and kept in its dtype when it is the
+    hidden's, else cast to fp32 (exactly: never to a narrower dtype)."""
     params = _projector_params(hidden, (ln_weight, ln_bias, proj_weight, proj_bias))
     _check_dtype("target", target)
-    t = resample_tokens(target.detach(), plan.b).to(hidden.dtype)
+    t = resample_tokens(target.detach(), plan.b)
+    t = t if t.dtype == hidden.dtype else t.float()
     return _repa_loss_op(hidden, t, *params, *_encode_step(plan.a), float(ln_eps))[0]
 
 
@@ -1129,16 +1131,18 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                 {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "OPERANDS": operands}
         # forward: repa_loss (z in the operand dtype, row sums) / aligned_projection (z fp32)
         options, blocks = gemm("fwd")
+        targets = sorted({a, f32})  # repa_loss's target: the hidden dtype, else fp32
         for x in sorted({a, o}):
-            for row_sums, z in ((True, o), (False, f32)):
+            for row_sums, z, t in [(True, o, t) for t in targets] + [(False, f32, f32)]:
                 yield _spec(_projection_fwd_kernel, {"X": x, "Mean": f32, "Rstd": f32, "WFolded": o, "Folded": f32,
-                                                     "T": a if row_sums else z, "Z": z, "RowSums": f32},
+                                                     "T": t, "Z": z, "RowSums": f32},
                             dict(blocks, ROW_SUMS=row_sums, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},x={x[1:]},row_sums={row_sums}", **_contiguous(_projection_fwd_kernel))
-        # backward: dL/dz from the cosine terms (z in the operand dtype, t in the activation dtype)
+                            tag=f"{base},x={x[1:]},t={t[1:]},row_sums={row_sums}",
+                            **_contiguous(_projection_fwd_kernel))
+        # backward: dL/dz from the cosine terms (z in the operand dtype, t in the hidden dtype or fp32)
         # or handed in (fp32, aligned_projection's z)
-        for from_cosine in (True, False):
-            dz_ptrs = ({"DZ": o, "Z": o, "T": a, "Alpha": f32, "Beta": f32} if from_cosine else
+        for from_cosine, t in [(True, t) for t in targets] + [(False, f32)]:
+            dz_ptrs = ({"DZ": o, "Z": o, "T": t, "Alpha": f32, "Beta": f32} if from_cosine else
                        {"DZ": f32, "Z": f32, "T": f32, "Alpha": f32, "Beta": f32})
             options, blocks = gemm("dx")
             for fuse_ln in (True, False):  # fused: the hidden rows; else the resampled ones (X unused)
@@ -1146,7 +1150,7 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                             dict(dz_ptrs, DzScale=f32, WFolded=o, Folded=f32, X=a if fuse_ln else o, Mean=f32,
                                  Rstd=f32, Out=a if fuse_ln else f32),
                             dict(blocks, DZ_FROM_COSINE=from_cosine, FUSE_LN=fuse_ln, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},from_cosine={from_cosine},fuse_ln={fuse_ln}",
+                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}",
                             **_contiguous(_projection_dx_kernel))
             options, blocks = gemm("dw")
             for x in sorted({a, o}):
@@ -1156,7 +1160,7 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                                 dict(dz_ptrs, DzScale=f32, X=x, Mean=f32, Rstd=f32, W=p, Gamma=p, Beta_ln=p, DW=p,
                                      Db=f32, DGammaPart=f32, GPart=f32, DbPart=f32),
                                 dict(blocks, DZ_FROM_COSINE=from_cosine), **options,
-                                tag=f"{base},x={x[1:]},param={_short(param)},from_cosine={from_cosine}",
+                                tag=f"{base},x={x[1:]},param={_short(param)},t={t[1:]},from_cosine={from_cosine}",
                                 **_contiguous(_projection_dw_kernel))
     for param in ACTIVATION_DTYPES:
         yield _spec(_weight_t_vec_kernel, {"W": _PTR[param], "V": f32, "Out": f32},

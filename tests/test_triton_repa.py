@@ -84,6 +84,16 @@ def test_projection_beyond_the_fp16_range_gives_a_nan_loss(dtype):
         assert torch.isnan(rf.repa_loss(**inputs, backend="triton"))
 
 
+
+@pytest.mark.parametrize("target_dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["same-count", "square-grids-target-shrinks"])
+def test_a_target_in_another_dtype_keeps_its_precision(case, target_dtype):
+    """fp16 hidden, a 1e-8-scale target in fp32 or bf16: read as fp32 (exactly), never cast to
+    fp16, where it would vanish (the loss was -1.4e-4 instead of -5.8e-2)."""
+    inputs, kwargs = _case_inputs(case, F16, F32)
+    inputs["target"] = (inputs["target"].double() * 1e-8).to(target_dtype)
+    assert_matches_reference(rf.repa_loss, inputs, backend="triton", **kwargs)
+
 def test_row_split_and_tile_counts_are_exercised():
     """The cases above reach the split weight-gradient path and multi-tile grids."""
     batch, tokens, dim, _, encoder_dim, _ = CASES["row-split"]

@@ -94,6 +94,18 @@ def test_a_target_in_another_dtype_keeps_its_precision(case, target_dtype):
     inputs["target"] = (inputs["target"].double() * 1e-8).to(target_dtype)
     assert_matches_reference(rf.repa_loss, inputs, backend="triton", **kwargs)
 
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("gamma", [1e-2, 1e-3])
+def test_small_layernorm_weight_with_a_large_bias(dtype, gamma):
+    """|b| ~ 10 >> |gamma|: the LayerNorm backward's z - bf is kept bias-free from the forward on
+    (it cancelled: dL/dh rel. err. fp32 6e-5, bf16 0.3 at gamma 1e-3, torch 1.6e-3)."""
+    inputs = projection_inputs(2, 7, 20, 7, 13, dtype=dtype, device=DEVICE)
+    inputs["ln_weight"] = torch.full_like(inputs["ln_weight"], gamma)
+    inputs["ln_bias"] = torch.randn_like(inputs["ln_bias"]) * 10
+    # loss-scaled as a trainer does: dL/dh ~ gamma / rows lies in fp16's subnormals
+    assert_matches_reference(lambda **kw: rf.repa_loss(**kw) * LOSS_SCALE, inputs, backend="triton")
+
 def test_row_split_and_tile_counts_are_exercised():
     """The cases above reach the split weight-gradient path and multi-tile grids."""
     batch, tokens, dim, _, encoder_dim, _ = CASES["row-split"]

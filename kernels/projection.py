@@ -115,7 +115,7 @@ def _grad_z_tile(DZ, Z, T, dz_offs, z_offs, t_offs, mask, alpha, beta, bias,
         z = 0.0
     if DZ_FROM_COSINE:
         t = tl.load(T + t_offs, mask=mask, other=0.0).to(tl.float32)
-        dz = alpha * t + beta * (z + bias)
+        dz = alpha * t + beta * z + beta * bias
     else:
         dz = tl.load(DZ + dz_offs, mask=mask, other=0.0).to(tl.float32)
     return dz, z

@@ -15,11 +15,13 @@ How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
   hidden side is resampled its normalised rows are resampled first (`_resample_normalized_kernel`,
   M' x D, operand dtype) and every GEMM runs on the M' aligned rows. The frozen target is
   resampled with torch.
-* Forward GEMM epilogue: z = acc + bf, plus per-row partial <z,t>, |z|^2, |t|^2 of each E-tile in
+* Forward GEMM epilogue: stores z - bf = acc (bias-free: the LayerNorm backward below needs
+  z - bf, which a stored z would give only after cancelling against bf, catastrophically for a
+  large bias and a small LayerNorm weight), plus per-row partial <z,t>, |z|^2, |t|^2 of each E-tile in
   a per-tile buffer, summed in a fixed order by `_cosine_finish_kernel`, which also gives
   dL/dz = alpha * t + beta * z per row.
-* repa_loss keeps z (operand dtype) for backward: the one M' x E intermediate. The backward
-  GEMMs form dL/dz tiles on the fly from z, t, alpha, beta (`aligned_projection`'s backward reads
+* repa_loss keeps z - bf (operand dtype) for backward: the one M' x E intermediate. The backward
+  GEMMs form dL/dz tiles on the fly from z - bf, bf, t, alpha, beta (`aligned_projection`'s backward reads
   the dL/dz handed in instead; same kernels).
 * Backward: one GEMM over E x D tiles (rows split over per-split buffers when E x D alone cannot
   fill the GPU) gives G = dZ^T xhat and db = colsum(dZ), hence dW = G * gamma + db beta^T and
@@ -31,8 +33,8 @@ How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
   LayerNorm backward in `_ln_backward_rows_kernel`.
 * No atomics anywhere: every reduction has a fixed order, so results are bitwise reproducible.
 
-Dtypes: hidden fp32/fp16/bf16 (the target is cast to it), projector params fp32 or the hidden
-dtype. Hidden and target are read in their own dtype; the GEMMs multiply tiles of the operand
+Dtypes: hidden fp32/fp16/bf16, the target in the hidden dtype or else fp32 (an exact cast: a
+1e-8-scale fp32 target would vanish in fp16), projector params fp32 or the hidden dtype. Hidden and target are read in their own dtype; the GEMMs multiply tiles of the operand
 dtype (`operand_dtype`, `operand_class`) with fp32 accumulation:
 * fp16 for both 16-bit activation dtypes: the xhat tiles, Wf, the dL/dz tiles, the resampled rows
   and repa_loss's saved z. bf16 operands (8 mantissa bits) put the gradients at DESIGN.md §4's
@@ -102,17 +104,18 @@ def _load_normalized(X, row_offs, mean, rstd, cols, mask, stride_xd):
 
 
 @triton.jit
-def _grad_z_tile(DZ, Z, T, dz_offs, z_offs, t_offs, mask, alpha, beta,
+def _grad_z_tile(DZ, Z, T, dz_offs, z_offs, t_offs, mask, alpha, beta, bias,
                  DZ_FROM_COSINE: tl.constexpr, LOAD_Z: tl.constexpr):
-    """dL/dz on a tile of (B, N, E) in fp32, and z there when needed (else 0): alpha * t + beta * z
-    for the cosine loss (alpha, beta: per-row values broadcast to the tile), else read from DZ."""
+    """dL/dz on a tile of (B, N, E) in fp32, and the tile of Z when needed (else 0): alpha * t +
+    beta * (Z + bias) for the cosine loss (alpha, beta: per-row values, bias: per-column,
+    broadcast to the tile; Z holds z - bias for the projection's), else read from DZ."""
     if DZ_FROM_COSINE or LOAD_Z:
         z = tl.load(Z + z_offs, mask=mask, other=0.0).to(tl.float32)
     else:
         z = 0.0
     if DZ_FROM_COSINE:
         t = tl.load(T + t_offs, mask=mask, other=0.0).to(tl.float32)
-        dz = alpha * t + beta * z
+        dz = alpha * t + beta * z + beta * bias
     else:
         dz = tl.load(DZ + dz_offs, mask=mask, other=0.0).to(tl.float32)
     return dz, z
@@ -224,13 +227,14 @@ def _resample_normalized_kernel(X, Mean, Rstd,           # X: (B, S, D) strided 
 @triton.jit
 def _projection_fwd_kernel(X, Mean, Rstd,        # X: (B, N, D) strided rows to project; Mean, Rstd: (B*N,) fp32
                            WFolded, Folded,      # (E, D) operand dtype; (2, E) fp32 (bf, rowsum Wf)
-                           T, Z, RowSums,        # T, Z (out): (B, N, E); RowSums: (E-tiles, 3, B*N) fp32
+                           T, Z, RowSums,        # T, Z (out, z - bf): (B, N, E); RowSums: (E-tiles, 3, B*N) fp32
                            M, N, D, E, stride_xb, stride_xn, stride_xd, stride_tb, stride_tn, stride_te,
                            ROW_SUMS: tl.constexpr, OPERANDS: tl.constexpr, GROUP_M: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z = xhat @ Wf^T + bf on a BLOCK_M x BLOCK_N tile; with ROW_SUMS also the tile's partial
-    <z,t>, |z|^2, |t|^2 per row, of z as stored: the loss belongs to the z the backward reads, and
-    a z that overflows fp16 gives a NaN loss."""
+    """Z = xhat @ Wf^T on a BLOCK_M x BLOCK_N tile, without the bias bf (z = Z + bf, formed in fp32
+    where it is read: the LayerNorm backward needs z - bf, which would cancel when |bf| >> |z - bf|);
+    with ROW_SUMS also the tile's partial <z,t>, |z|^2, |t|^2 per row, of Z as stored: the loss
+    belongs to the z the backward reads, and a Z that overflows fp16 gives a NaN loss."""
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(E, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     e = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,13 +250,13 @@ def _projection_fwd_kernel(X, Mean, Rstd,        # X: (B, N, D) strided rows to 
         xhat = _load_normalized(X, row_offs, mean, rstd, k, row_mask[:, None] & k_mask[None, :], stride_xd)
         w = tl.load(WFolded + e[None, :] * D + k[:, None], mask=k_mask[:, None] & e_mask[None, :], other=0.0)
         acc = _dot(xhat, w, acc, OPERANDS)
-    z = (acc + tl.load(Folded + e, mask=e_mask, other=0.0)[None, :]).to(Z.dtype.element_ty)
+    z_free = acc.to(Z.dtype.element_ty)
     mask = row_mask[:, None] & e_mask[None, :]
-    tl.store(Z + rows.to(tl.int64)[:, None] * E + e[None, :], z, mask=mask)
+    tl.store(Z + rows.to(tl.int64)[:, None] * E + e[None, :], z_free, mask=mask)
     if ROW_SUMS:
         t_offs = _row_offsets(rows, N, stride_tb, stride_tn)
         t = tl.load(T + t_offs[:, None] + e[None, :] * stride_te, mask=mask, other=0.0).to(tl.float32)
-        z = tl.where(mask, z.to(tl.float32), 0.0)
+        z = tl.where(mask, z_free.to(tl.float32) + tl.load(Folded + e, mask=e_mask, other=0.0)[None, :], 0.0)
         sums = RowSums + pid_n.to(tl.int64) * 3 * M + rows
         tl.store(sums, tl.sum(z * t, axis=1), mask=row_mask)
         tl.store(sums + M, tl.sum(z * z, axis=1), mask=row_mask)
@@ -312,7 +316,7 @@ def _cosine_grad_kernel(Z, T, Alpha, Beta, DZ,  # Z, T: (B, N, E) strided; Alpha
     beta = tl.load(Beta + rows, mask=row_mask, other=0.0)
     z_offs = _row_offsets(rows, N, stride_zb, stride_zn)[:, None] + e[None, :] * stride_ze
     t_offs = _row_offsets(rows, N, stride_tb, stride_tn)[:, None] + e[None, :] * stride_te
-    dz, _ = _grad_z_tile(Z, Z, T, z_offs, z_offs, t_offs, mask, alpha[:, None], beta[:, None], True, False)
+    dz, _ = _grad_z_tile(Z, Z, T, z_offs, z_offs, t_offs, mask, alpha[:, None], beta[:, None], 0.0, True, False)
     tl.store(DZ + rows.to(tl.int64)[:, None] * E + e[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -335,7 +339,8 @@ def _dw_epilogue(g, db, e, d, pid_e, pid_d, E, D,
 
 
 @triton.jit
-def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*T + Beta*Z, all (B, N, E); DzScale: (1,)
+def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*T + Beta*(Z + bf), all (B, N, E); DzScale: (1,)
+                          Folded,                          # (2, E) fp32: bf, rowsum Wf
                           X, Mean, Rstd,                   # projected rows, as in the forward
                           W, Gamma, Beta_ln,               # W: (E, D) strided; Gamma, Beta_ln: (D,)
                           DW, Db, DGammaPart,              # (E, D) param dtype; (E,) fp32; (E-tiles, D) fp32
@@ -355,6 +360,10 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*
     e_mask = e < E
     d_mask = d < D
     scale = tl.load(DzScale)
+    if DZ_FROM_COSINE:
+        bias = tl.load(Folded + e, mask=e_mask, other=0.0)[:, None]
+    else:
+        bias = 0.0
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # db is carried as a column and reshaped once after the loop: triton 3.6-3.8's
     # OptimizeThreadLocality asserts that a loop-carried row sum has a single use
@@ -375,7 +384,7 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*
                                e[:, None] * stride_dze + _row_offsets(rows, N, stride_dzb, stride_dzn)[None, :],
                                e[:, None] * stride_ze + _row_offsets(rows, N, stride_zb, stride_zn)[None, :],
                                e[:, None] * stride_te + _row_offsets(rows, N, stride_tb, stride_tn)[None, :],
-                               e_mask[:, None] & row_mask[None, :], alpha, beta, DZ_FROM_COSINE, False)
+                               e_mask[:, None] & row_mask[None, :], alpha, beta, bias, DZ_FROM_COSINE, False)
         db += tl.sum(dz_t, axis=1, keep_dims=True)
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
@@ -445,7 +454,7 @@ def _projection_dx_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz as in _projec
                           BLOCK_K: tl.constexpr):
     """dxhat = dZ @ Wf on a BLOCK_M x BLOCK_N (of D) tile. FUSE_LN (rows not resampled): the
     LayerNorm backward in the epilogue, its row means dz.rowsum(Wf)/D and dz.(z - bf)/D summed
-    in the K-loop."""
+    in the K-loop (Z holds z - bf: no cancellation against a large bias)."""
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -468,14 +477,17 @@ def _projection_dx_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz as in _projec
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < E
         mask = row_mask[:, None] & k_mask[None, :]
-        dz, z = _grad_z_tile(DZ, Z, T, dz_rows[:, None] + k[None, :] * stride_dze,
-                             z_rows[:, None] + k[None, :] * stride_ze, t_rows[:, None] + k[None, :] * stride_te,
-                             mask, alpha, beta, DZ_FROM_COSINE, FUSE_LN)
+        if DZ_FROM_COSINE:
+            bias = tl.load(Folded + k, mask=k_mask, other=0.0)[None, :]
+        else:
+            bias = 0.0
+        dz, z_free = _grad_z_tile(DZ, Z, T, dz_rows[:, None] + k[None, :] * stride_dze,
+                                  z_rows[:, None] + k[None, :] * stride_ze, t_rows[:, None] + k[None, :] * stride_te,
+                                  mask, alpha, beta, bias, DZ_FROM_COSINE, FUSE_LN)
         if FUSE_LN:
-            bias = tl.load(Folded + k, mask=k_mask, other=0.0)
             row_sum = tl.load(Folded + E + k, mask=k_mask, other=0.0)
             mean_dx += tl.sum(dz * row_sum[None, :], axis=1)
-            mean_dx_xhat += tl.sum(dz * (z - bias[None, :]), axis=1)
+            mean_dx_xhat += tl.sum(dz * z_free, axis=1)
         w = tl.load(WFolded + k[:, None] * D + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0)
         acc = _dot(dz * scale, w, acc, OPERANDS)
     dx = acc * (1.0 / scale)
@@ -682,7 +694,7 @@ def _projected_rows(hidden, stats, xa) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _projection_forward(x, x_stats, w_folded, folded, t: Optional[torch.Tensor], z_dtype: torch.dtype):
-    """z (B, N', E) in z_dtype; with a target t also the row terms (4, M') of the cosine loss."""
+    """z - bf (B, N', E) in z_dtype; with a target t also the row terms (4, M') of the cosine loss."""
     batch, tokens, dim = x.shape
     e_dim = w_folded.shape[0]
     rows = batch * tokens
@@ -717,7 +729,7 @@ def _dz_scale(bound: Optional[torch.Tensor], device: torch.device) -> torch.Tens
 def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight, ln_bias, proj_weight,
                          w_folded, folded, step: Optional[Resample], dz_scale: torch.Tensor):
     """Gradients (hidden, ln_weight, ln_bias, proj_weight, proj_bias) from dL/dz, which is grad_z,
-    or alpha * t + beta * z when grad_z is None."""
+    or alpha * t + beta * z when grad_z is None; `z` holds z - bf (`_projection_forward`)."""
     x, x_stats = _projected_rows(hidden, stats, xa)
     batch, tokens, dim = x.shape
     e_dim = proj_weight.shape[0]
@@ -742,7 +754,7 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
     g_part = torch.empty(splits if splits > 1 else 0, e_dim, dim, **f32)
     db_part = torch.empty(splits if splits > 1 else 0, e_dim, **f32)
     _projection_dw_kernel[(tiles_e, tiles_d, splits)](
-        dz, z, t_arg, alpha_arg, beta_arg, dz_scale, x, x_stats[0], x_stats[1], proj_weight, ln_weight, ln_bias,
+        dz, z, t_arg, alpha_arg, beta_arg, dz_scale, folded, x, x_stats[0], x_stats[1], proj_weight, ln_weight, ln_bias,
         grad_w, grad_b, gamma_part, g_part, db_part, rows, tokens, dim, e_dim, rows_per_split, splits,
         *_strides3(dz), *_strides3(z), *_strides3(t_arg), *_strides3(x), *proj_weight.stride(),
         DZ_FROM_COSINE=from_cosine, OPERANDS=operands, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -777,7 +789,11 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
     _weight_t_vec_kernel[(triton.cdiv(dim, VEC_BLOCK[1]),)](
         proj_weight, grad_b, grad_beta, e_dim, dim, *proj_weight.stride(), BLOCK_E=VEC_BLOCK[0],
         BLOCK_D=VEC_BLOCK[1], num_warps=VEC_BLOCK[2])
-    return (grad_hidden, gamma_part.sum(0).to(ln_weight.dtype), grad_beta.to(ln_bias.dtype), grad_w,
+    # LayerNorm's dgamma sums dy * xhat over every hidden row, so a non-finite row that no output
+    # reads (dy = 0) still makes it NaN there (0 * NaN); the GEMM above saw only the resampled
+    # rows, the row means carry it.
+    grad_gamma = gamma_part.sum(0) + 0.0 * stats[0].sum()
+    return (grad_hidden, grad_gamma.to(ln_weight.dtype), grad_beta.to(ln_bias.dtype), grad_w,
             grad_b.to(proj_weight.dtype))  # the bias shares W's dtype (_projector_params)
 
 
@@ -841,7 +857,7 @@ def _fake_common(hidden, proj_weight, kind, dst):
 def _repa_loss_op(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
                   proj_bias: Tensor, resample_kind: str, resample_src: List[int], resample_dst: List[int],
                   ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, z, stats, xa, row_terms, w_folded, folded); target already aligned, hidden dtype."""
+    """(loss, z, stats, xa, row_terms, w_folded, folded); target already aligned, in the hidden dtype or fp32."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
     stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps)
     x, x_stats = _projected_rows(hidden, stats, xa)
@@ -880,13 +896,13 @@ _repa_loss_op.register_autograd(_repa_loss_backward, setup_context=_repa_loss_se
 @torch.library.custom_op("repa_fast::triton_aligned_projection", mutates_args=())
 def _aligned_projection_op(hidden: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
                            proj_bias: Tensor, resample_kind: str, resample_src: List[int], resample_dst: List[int],
-                           ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(z fp32, stats, xa, w_folded, folded)."""
+                           ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(z fp32, z - bf fp32 (what the backward reads), stats, xa, w_folded, folded)."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
     stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps)
     x, x_stats = _projected_rows(hidden, stats, xa)
-    z, _ = _projection_forward(x, x_stats, w_folded, folded, None, torch.float32)
-    return z, stats, xa, w_folded, folded
+    z_free, _ = _projection_forward(x, x_stats, w_folded, folded, None, torch.float32)
+    return z_free + folded[0], z_free, stats, xa, w_folded, folded
 
 
 @_aligned_projection_op.register_fake
@@ -894,20 +910,20 @@ def _aligned_projection_fake(hidden, ln_weight, ln_bias, proj_weight, proj_bias,
                              resample_dst, ln_eps):
     (stats, xa, w_folded, folded), aligned = _fake_common(hidden, proj_weight, resample_kind, resample_dst)
     z = hidden.new_empty(hidden.shape[0], aligned, proj_weight.shape[0], dtype=torch.float32)
-    return z, stats, xa, w_folded, folded
+    return z, torch.empty_like(z), stats, xa, w_folded, folded
 
 
 def _aligned_projection_setup(ctx, inputs, output):
     hidden, ln_weight, ln_bias, proj_weight, _, kind, src, dst, _ = inputs
-    z, stats, xa, w_folded, folded = output
+    _, z_free, stats, xa, w_folded, folded = output
     ctx.step = (kind, src, dst)
-    ctx.save_for_backward(hidden, ln_weight, ln_bias, proj_weight, z, stats, xa, w_folded, folded)
+    ctx.save_for_backward(hidden, ln_weight, ln_bias, proj_weight, z_free, stats, xa, w_folded, folded)
 
 
 def _aligned_projection_backward(ctx, grad_z, *unused_grads):
-    hidden, ln_weight, ln_bias, proj_weight, z, stats, xa, w_folded, folded = ctx.saved_tensors
+    hidden, ln_weight, ln_bias, proj_weight, z_free, stats, xa, w_folded, folded = ctx.saved_tensors
     grads = torch.ops.repa_fast.triton_projection_backward(
-        grad_z, z, None, None, None, hidden, stats, xa, ln_weight, ln_bias, proj_weight, w_folded, folded, *ctx.step)
+        grad_z, z_free, None, None, None, hidden, stats, xa, ln_weight, ln_bias, proj_weight, w_folded, folded, *ctx.step)
     return grads[0], grads[1], grads[2], grads[3], grads[4], None, None, None, None
 
 
@@ -999,10 +1015,12 @@ def _projector_params(hidden: Tensor, params: Tuple[Tensor, ...]) -> Tuple[Tenso
 def repa_loss(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
               proj_bias: Tensor, plan: AlignmentPlan, ln_eps: float) -> Tensor:
     """-mean cos(align(LayerNorm(hidden) @ W^T + b), align(target)), fp32 scalar; hidden (B, S, D)
-    may be any strided view. The target is aligned (torch) and cast to the hidden dtype first."""
+    may be any strided view. The target is aligned (torch) and kept in its dtype when it is the
+    hidden's, else cast to fp32 (exactly: never to a narrower dtype)."""
     params = _projector_params(hidden, (ln_weight, ln_bias, proj_weight, proj_bias))
     _check_dtype("target", target)
-    t = resample_tokens(target.detach(), plan.b).to(hidden.dtype)
+    t = resample_tokens(target.detach(), plan.b)
+    t = t if t.dtype == hidden.dtype else t.float()
     return _repa_loss_op(hidden, t, *params, *_encode_step(plan.a), float(ln_eps))[0]
 
 
@@ -1125,16 +1143,18 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                 {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "OPERANDS": operands}
         # forward: repa_loss (z in the operand dtype, row sums) / aligned_projection (z fp32)
         options, blocks = gemm("fwd")
+        targets = sorted({a, f32})  # repa_loss's target: the hidden dtype, else fp32
         for x in sorted({a, o}):
-            for row_sums, z in ((True, o), (False, f32)):
+            for row_sums, z, t in [(True, o, t) for t in targets] + [(False, f32, f32)]:
                 yield _spec(_projection_fwd_kernel, {"X": x, "Mean": f32, "Rstd": f32, "WFolded": o, "Folded": f32,
-                                                     "T": a if row_sums else z, "Z": z, "RowSums": f32},
+                                                     "T": t, "Z": z, "RowSums": f32},
                             dict(blocks, ROW_SUMS=row_sums, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},x={x[1:]},row_sums={row_sums}", **_contiguous(_projection_fwd_kernel))
-        # backward: dL/dz from the cosine terms (z in the operand dtype, t in the activation dtype)
+                            tag=f"{base},x={x[1:]},t={t[1:]},row_sums={row_sums}",
+                            **_contiguous(_projection_fwd_kernel))
+        # backward: dL/dz from the cosine terms (z in the operand dtype, t in the hidden dtype or fp32)
         # or handed in (fp32, aligned_projection's z)
-        for from_cosine in (True, False):
-            dz_ptrs = ({"DZ": o, "Z": o, "T": a, "Alpha": f32, "Beta": f32} if from_cosine else
+        for from_cosine, t in [(True, t) for t in targets] + [(False, f32)]:
+            dz_ptrs = ({"DZ": o, "Z": o, "T": t, "Alpha": f32, "Beta": f32} if from_cosine else
                        {"DZ": f32, "Z": f32, "T": f32, "Alpha": f32, "Beta": f32})
             options, blocks = gemm("dx")
             for fuse_ln in (True, False):  # fused: the hidden rows; else the resampled ones (X unused)
@@ -1142,17 +1162,17 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                             dict(dz_ptrs, DzScale=f32, WFolded=o, Folded=f32, X=a if fuse_ln else o, Mean=f32,
                                  Rstd=f32, Out=a if fuse_ln else f32),
                             dict(blocks, DZ_FROM_COSINE=from_cosine, FUSE_LN=fuse_ln, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},from_cosine={from_cosine},fuse_ln={fuse_ln}",
+                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}",
                             **_contiguous(_projection_dx_kernel))
             options, blocks = gemm("dw")
             for x in sorted({a, o}):
                 for param in _param_dtypes(act):
                     p = _PTR[param]
                     yield _spec(_projection_dw_kernel,
-                                dict(dz_ptrs, DzScale=f32, X=x, Mean=f32, Rstd=f32, W=p, Gamma=p, Beta_ln=p, DW=p,
+                                dict(dz_ptrs, DzScale=f32, Folded=f32, X=x, Mean=f32, Rstd=f32, W=p, Gamma=p, Beta_ln=p, DW=p,
                                      Db=f32, DGammaPart=f32, GPart=f32, DbPart=f32),
                                 dict(blocks, DZ_FROM_COSINE=from_cosine), **options,
-                                tag=f"{base},x={x[1:]},param={_short(param)},from_cosine={from_cosine}",
+                                tag=f"{base},x={x[1:]},param={_short(param)},t={t[1:]},from_cosine={from_cosine}",
                                 **_contiguous(_projection_dw_kernel))
     for param in ACTIVATION_DTYPES:
         yield _spec(_weight_t_vec_kernel, {"W": _PTR[param], "V": f32, "Out": f32},

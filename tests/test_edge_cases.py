@@ -316,12 +316,14 @@ def test_non_finite_pair_gives_nan_loss(backend, device, value, fn, name):
 def test_nan_in_a_token_the_resampling_skips(backend, device, row, poisons):
     """9 -> 3 tokens (1-D): outputs read tokens (1, 2), (4, 5), (7, 8) with weights (1, 0), so a NaN
     in token 0 never reaches the loss, while one in token 2 does (0 * NaN = NaN), as in F.interpolate.
-    Gradients are not compared: the LayerNorm parameters' gradient sums 0 * NaN over a token no
-    output reads in a fused backend, not in the reference."""
+    Either way LayerNorm's ln_weight gradient sums dy * xhat over every token, so it is NaN (0 * NaN)
+    and ln_bias's is finite, as in the reference."""
     inputs = projection_inputs(2, 9, 6, 3, 5, device=device)
     inputs["hidden"][1, row] = float("nan")
-    result = _assert_nan_exactly_as_reference(rf.repa_loss, inputs, backend, PROJECTION_ARGS, check_grads=False)
-    assert torch.isnan(result["out0"]).item() == poisons
+    for fn in (rf.repa_loss, rf.urepa_loss):
+        result = _assert_nan_exactly_as_reference(fn, inputs, backend, PROJECTION_ARGS)
+        assert torch.isnan(result["out0"]).item() == poisons
+        assert torch.isnan(result["out0/ln_weight"]).any() and torch.isfinite(result["out0/ln_bias"]).all() != poisons
 
 
 FUNCTIONS = {
@@ -368,3 +370,17 @@ def test_loss_module_with_non_finite_input(module_class, monkeypatch):
     with pytest.raises(ValueError, match=r"^hidden holds non-finite values"):
         module(_poisoned({"h": hidden}, "h", float("inf"))["h"], target)
     assert module.step_count == 2
+
+
+@pytest.mark.parametrize("fn", [rf.repa_loss, rf.urepa_loss], ids=["repa", "urepa"])
+def test_check_finite_skips_tensors_without_values(fn, monkeypatch):
+    """Meta and fake tensors (shape propagation, torch.compile tracing) have no values to check."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setenv("REPA_FAST_CHECK_FINITE", "1")
+    meta = {k: v.to("meta") for k, v in projection_inputs(2, 9, 6, 4, 5).items()}
+    out = fn(**meta, backend="torch")
+    assert all(o.device.type == "meta" and o.shape == () for o in (out if isinstance(out, tuple) else (out,)))
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in projection_inputs(2, 9, 6, 4, 5).items()}
+        out = fn(**fake, backend="torch")
+    assert all(o.shape == () for o in (out if isinstance(out, tuple) else (out,)))

@@ -84,6 +84,28 @@ def test_projection_beyond_the_fp16_range_gives_a_nan_loss(dtype):
         assert torch.isnan(rf.repa_loss(**inputs, backend="triton"))
 
 
+
+@pytest.mark.parametrize("target_dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["same-count", "square-grids-target-shrinks"])
+def test_a_target_in_another_dtype_keeps_its_precision(case, target_dtype):
+    """fp16 hidden, a 1e-8-scale target in fp32 or bf16: read as fp32 (exactly), never cast to
+    fp16, where it would vanish (the loss was -1.4e-4 instead of -5.8e-2)."""
+    inputs, kwargs = _case_inputs(case, F16, F32)
+    inputs["target"] = (inputs["target"].double() * 1e-8).to(target_dtype)
+    assert_matches_reference(rf.repa_loss, inputs, backend="triton", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("gamma", [1e-2, 1e-3])
+def test_small_layernorm_weight_with_a_large_bias(dtype, gamma):
+    """|b| ~ 10 >> |gamma|: the LayerNorm backward's z - bf is kept bias-free from the forward on
+    (it cancelled: dL/dh rel. err. fp32 6e-5, bf16 0.3 at gamma 1e-3, torch 1.6e-3)."""
+    inputs = projection_inputs(2, 7, 20, 7, 13, dtype=dtype, device=DEVICE)
+    inputs["ln_weight"] = torch.full_like(inputs["ln_weight"], gamma)
+    inputs["ln_bias"] = torch.randn_like(inputs["ln_bias"]) * 10
+    # loss-scaled as a trainer does: dL/dh ~ gamma / rows lies in fp16's subnormals
+    assert_matches_reference(lambda **kw: rf.repa_loss(**kw) * LOSS_SCALE, inputs, backend="triton")
+
 def test_row_split_and_tile_counts_are_exercised():
     """The cases above reach the split weight-gradient path and multi-tile grids."""
     batch, tokens, dim, _, encoder_dim, _ = CASES["row-split"]
@@ -258,8 +280,24 @@ def test_backend_dispatch_and_dtype_errors():
     plan = plan_alignment(7, 7)
     direct = projection.repa_loss(*(inputs[k] for k in ("hidden", "target") + PROJECTION_ARGS[1:]), plan, 1e-5)
     assert torch.equal(rf.repa_loss(**inputs, backend="triton"), direct)
-    with pytest.raises(TypeError, match="float64"):
-        rf.repa_loss(**{k: v.double() for k, v in inputs.items()}, backend="triton")
+    doubles = {k: v.double() for k, v in inputs.items()}
+    with pytest.raises(TypeError, match="float64"):   # the kernels themselves take fp32/fp16/bf16 only
+        projection.repa_loss(*(doubles[k] for k in ("hidden", "target") + PROJECTION_ARGS[1:]), plan, 1e-5)
+
+
+@pytest.mark.parametrize("fn, pair", [(rf.repa_loss, False), (rf.urepa_loss, False),
+                                      (rf.cosine_alignment_loss, True), (rf.manifold_loss, True)],
+                         ids=["repa", "urepa", "cosine", "manifold"])
+def test_float64_inputs_go_to_the_torch_backend(fn, pair):
+    """As on the cuda backend: every backend gives the same answer to the same input."""
+    inputs = projection_inputs(2, 9, 6, 4, 5, dtype=torch.float64, param_dtype=torch.float64, device=DEVICE)
+    if pair:
+        inputs = {"projected": torch.randn(2, 4, 5, dtype=torch.float64, device=DEVICE), "target": inputs["target"]}
+    grad_names = ("projected",) if pair else PROJECTION_ARGS
+    expected = outputs_and_grads(fn, inputs, grad_names, backend="torch")
+    result = outputs_and_grads(fn, inputs, grad_names, backend="triton")
+    for key, value in expected.items():
+        assert result[key].dtype == torch.float64 and torch.equal(result[key], value), key
 
 
 def _dense_taps(index, weight, columns):

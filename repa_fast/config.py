@@ -15,10 +15,16 @@ from typing import Any, ClassVar, Self
 from .schedule import SCHEDULE_PARAMS, LambdaSchedule, ParamSpec
 
 _SPEC = "spec"
+_KEY = "key"
+# iREPA's keys, shared by both regularizers as in SimpleTuner (no crepa_ / urepa_ prefix).
+IREPA_PREFIX = "irepa_"
+# The projector kinds (repa_fast.projectors.PROJECTOR_KINDS; not imported: config stays torch-free).
+PROJECTOR_KINDS = ("layernorm_linear", "mlp", "conv")
 
 
-def _field(default: Any, spec: ParamSpec) -> Any:
-    return dataclasses.field(default=default, metadata={_SPEC: spec})
+def _field(default: Any, spec: ParamSpec, key: str | None = None) -> Any:
+    """A config field; `key`: its config key when it is not the prefix + the field's name."""
+    return dataclasses.field(default=default, metadata={_SPEC: spec, _KEY: key})
 
 
 def _schedule_field(default: Any, name: str) -> Any:
@@ -42,16 +48,40 @@ class _AlignmentConfig:
     similarity_threshold: float | None = _schedule_field(None, "similarity_threshold")
     similarity_ema_decay: float = _schedule_field(0.99, "similarity_ema_decay")
     threshold_mode: str = _schedule_field("permanent", "threshold_mode")
+    # The projector: None picks "conv" with iREPA, else "layernorm_linear" (SimpleTuner's).
+    projector_kind: str | None = _field(None, ParamSpec(str, choices=PROJECTOR_KINDS, optional=True))
+    irepa_enabled: bool = _field(False, ParamSpec(bool), key="irepa_enabled")
+    irepa_spatial_norm_alpha: float = _field(0.6, ParamSpec(float, minimum=0.0), key="irepa_spatial_norm_alpha")
+    irepa_projector_kernel_size: int = _field(3, ParamSpec(int, minimum=1), key="irepa_projector_kernel_size")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = field.metadata[_SPEC].parse(self.key(field.name), getattr(self, field.name))
             object.__setattr__(self, field.name, value)  # frozen: store the normalized value
+        if self.irepa_projector_kernel_size % 2 == 0:
+            raise ValueError(f"irepa_projector_kernel_size must be odd, got {self.irepa_projector_kernel_size}")
+        if self.irepa_enabled and self.projector_kind not in (None, "conv"):
+            raise ValueError(f"irepa_enabled uses iREPA's conv projector, but {self.key('projector_kind')} is "
+                             f"{self.projector_kind!r}: leave it unset (or 'conv'), or turn irepa_enabled off")
+
+    @property
+    def projector(self) -> str:
+        """The projector kind these settings pick."""
+        if self.projector_kind is not None:
+            return self.projector_kind
+        return "conv" if self.irepa_enabled else "layernorm_linear"
+
+    @property
+    def target_zscore_alpha(self) -> float | None:
+        """iREPA's spatial z-score of the target (irepa_spatial_norm_alpha), None without iREPA."""
+        return self.irepa_spatial_norm_alpha if self.irepa_enabled else None
 
     @classmethod
     def key(cls, field_name: str) -> str:
         """The config key of a field; the `_` of `lambda_` (`lambda` is a keyword) is dropped."""
-        return cls.prefix + field_name.removesuffix("_")
+        field = {field.name: field for field in dataclasses.fields(cls)}.get(field_name)
+        explicit = field.metadata[_KEY] if field is not None else None
+        return explicit or cls.prefix + field_name.removesuffix("_")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -70,7 +100,7 @@ class _AlignmentConfig:
             if key in field_by_key:
                 values[field_by_key[key]] = value
                 continue
-            has_prefix = isinstance(key, str) and key.startswith(cls.prefix)
+            has_prefix = isinstance(key, str) and key.startswith((cls.prefix, IREPA_PREFIX))
             if has_prefix or not ignore_unrelated:
                 raise ValueError(cls._unknown_key_message(key))
         return cls(**values)

@@ -59,6 +59,10 @@ REPA_DEFAULTS = {
     "similarity_threshold": None,
     "similarity_ema_decay": 0.99,
     "threshold_mode": "permanent",
+    "projector_kind": None,
+    "irepa_enabled": False,
+    "irepa_spatial_norm_alpha": 0.6,
+    "irepa_projector_kernel_size": 3,
 }
 UREPA_DEFAULTS = {
     "enabled": False,
@@ -76,6 +80,10 @@ UREPA_DEFAULTS = {
     "similarity_threshold": None,
     "similarity_ema_decay": 0.99,
     "threshold_mode": "permanent",
+    "projector_kind": None,
+    "irepa_enabled": False,
+    "irepa_spatial_norm_alpha": 0.6,
+    "irepa_projector_kernel_size": 3,
 }
 
 
@@ -326,8 +334,9 @@ def test_a_zero_given_stays_zero() -> None:
 
 def test_to_dict_has_every_prefixed_key() -> None:
     assert list(RepaConfig().to_dict()) == RepaConfig.keys()
-    assert set(RepaConfig().to_dict()) == {"crepa_" + name.rstrip("_") for name in REPA_DEFAULTS}
-    assert set(URepaConfig().to_dict()) == {"urepa_" + name.rstrip("_") for name in UREPA_DEFAULTS}
+    key = lambda prefix, name: name if name.startswith("irepa_") else prefix + name.rstrip("_")  # noqa: E731
+    assert set(RepaConfig().to_dict()) == {key("crepa_", name) for name in REPA_DEFAULTS}
+    assert set(URepaConfig().to_dict()) == {key("urepa_", name) for name in UREPA_DEFAULTS}
     assert RepaConfig(lambda_=0.25).to_dict()["crepa_lambda"] == 0.25
 
 

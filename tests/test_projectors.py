@@ -359,3 +359,56 @@ def test_source_state_dicts_load_or_say_what_they_hold():
     source = rf.RepaProjector(8, 4, "conv")
     projector.load_source_state_dict(source.state_dict())
     assert torch.equal(projector.conv.weight, source.conv.weight)
+
+
+# ---------------------------------------------------------------- config keys and regularizers
+
+def test_config_keys_pick_the_projector():
+    assert rf.RepaConfig().projector == "layernorm_linear" and rf.RepaConfig().target_zscore_alpha is None
+    irepa = rf.RepaConfig.from_dict({"crepa_enabled": True, "irepa_enabled": True, "irepa_spatial_norm_alpha": 0.5,
+                                     "irepa_projector_kernel_size": 5})
+    assert (irepa.projector, irepa.target_zscore_alpha, irepa.irepa_projector_kernel_size) == ("conv", 0.5, 5)
+    assert rf.URepaConfig.from_dict({"urepa_projector_kind": "mlp"}).projector == "mlp"
+    # A trainer's whole config: both regularizers read the shared irepa_* keys.
+    assert rf.URepaConfig.from_dict({"irepa_enabled": True, "crepa_lambda": 1}, ignore_unrelated=True).irepa_enabled
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"irepa_enabled": True, "crepa_projector_kind": "mlp"},
+     "irepa_enabled uses iREPA's conv projector, but crepa_projector_kind is 'mlp'"),
+    ({"irepa_projector_kernel_size": 4}, "irepa_projector_kernel_size must be odd, got 4"),
+    ({"irepa_spatial_norm_alpha": -1}, "irepa_spatial_norm_alpha must be a finite number >= 0, got -1"),
+    ({"crepa_projector_kind": "linear"}, "crepa_projector_kind must be one of 'layernorm_linear', 'mlp', 'conv'"),
+    ({"irepa_enabld": True}, "unknown RepaConfig key 'irepa_enabld'; did you mean 'irepa_enabled'"),
+])
+def test_config_keys_reject_bad_projector_settings(config, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        rf.RepaConfig.from_dict(config, ignore_unrelated=True)
+
+
+def test_regularizers_build_the_configured_projector():
+    pytest.importorskip("diffusers")
+    from test_capture import tiny_sd3, tiny_unet2d_condition
+    from test_encoders import tiny_dinov2
+
+    encoder = rf.VisionEncoder(tiny_dinov2(False), image_size=56)
+    model, inputs, grid = tiny_sd3()
+    config = {"crepa_enabled": True, "crepa_block_index": 1, "irepa_enabled": True, "irepa_projector_kernel_size": 1}
+    reg = rf.RepaRegularizer.from_config(config, model, encoder=encoder)
+    assert reg.projector.kind == "conv" and reg.projector.conv.kernel_size == (1, 1)
+    assert reg.alignment_loss.target_zscore_alpha == 0.6
+    pixels = torch.rand(2, 3, 40, 60)
+    with reg.capture() as cap:
+        model(**inputs)
+    loss, _ = reg(cap, pixels=pixels)
+    tokens, target_grid = reg.encoder(pixels)
+    expected, = projector_losses(reg.projector, cap.output, tokens, hidden_grid=grid, target_grid=target_grid,
+                                 target_zscore_alpha=0.6)
+    torch.testing.assert_close(loss, 0.5 * expected)
+    loss.backward()
+    assert reg.projector.conv.weight.grad.abs().sum() > 0
+
+    unet, _ = tiny_unet2d_condition()
+    reg = rf.URepaRegularizer.from_config({"urepa_enabled": True, "urepa_projector_kind": "mlp"}, unet,
+                                          encoder=encoder)
+    assert reg.projector.kind == "mlp" and reg.alignment_loss.target_zscore_alpha is None

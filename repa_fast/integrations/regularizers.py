@@ -29,7 +29,7 @@ from ..alignment import Grid
 from .capture import FeatureCapture, capture_transformer_block, capture_unet_mid_block, check_block_index, unwrap_model
 from ..config import RepaConfig, URepaConfig
 from .encoders import VisionEncoder, pixels_from_latents
-from ..modules import RepaLoss, URepaLoss
+from ..modules import RepaLoss, RepaProjector, URepaLoss
 
 # The seed's recommended crepa_block_index: 8 (Flux, SD3, Chroma), 10 for Sana and PixArt.
 DEFAULT_BLOCK_INDEX = 8
@@ -152,6 +152,13 @@ class _Regularizer(nn.Module):
         return (tokens if device is None else tokens.to(device)), grid
 
 
+def _projector_options(config, hidden_dim: int, encoder_dim: int) -> Dict[str, Any]:
+    """The loss's projector (`*_projector_kind`, iREPA's conv of `irepa_projector_kernel_size`)
+    and target z-score (`irepa_spatial_norm_alpha` when `irepa_enabled`)."""
+    projector = RepaProjector(hidden_dim, encoder_dim, config.projector, kernel_size=config.irepa_projector_kernel_size)
+    return dict(projector=projector, target_zscore_alpha=config.target_zscore_alpha)
+
+
 class RepaRegularizer(_Regularizer):
     """REPA for DiTs (SD3, Flux, PixArt, Sana, Chroma, ...): block `crepa_block_index`'s image
     tokens aligned to the encoder's patch tokens (`crepa_*` keys)."""
@@ -187,7 +194,8 @@ class RepaRegularizer(_Regularizer):
         hidden_dim = _dit_width(inner) if hidden_dim is None else hidden_dim
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = RepaLoss(hidden_dim, encoder.dim, schedule=config.schedule(max_train_steps),
-                        spatial_align=config.spatial_align, backend=backend)
+                        spatial_align=config.spatial_align, backend=backend,
+                        **_projector_options(config, hidden_dim, encoder.dim))
         return cls(config, model, loss, encoder, vae, block_index)
 
     def __init__(self, config: RepaConfig, model: nn.Module, loss: Optional[RepaLoss],
@@ -246,7 +254,8 @@ class URepaRegularizer(_Regularizer):
             hidden_dim = int(channels[-1])
         encoder, vae = cls._build_parts(config, encoder, vae, encoder_kwargs)
         loss = URepaLoss(hidden_dim, encoder.dim, manifold_weight=config.manifold_weight,
-                         schedule=config.schedule(max_train_steps), backend=backend)
+                         schedule=config.schedule(max_train_steps), backend=backend,
+                         **_projector_options(config, hidden_dim, encoder.dim))
         return cls(config, model, loss, encoder, vae)
 
     def capture(self) -> contextlib.AbstractContextManager[FeatureCapture]:

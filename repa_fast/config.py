@@ -50,6 +50,7 @@ class _AlignmentConfig:
     threshold_mode: str = _schedule_field("permanent", "threshold_mode")
     # The projector: None picks "conv" with iREPA, else "layernorm_linear" (SimpleTuner's).
     projector_kind: str | None = _field(None, ParamSpec(str, choices=PROJECTOR_KINDS, optional=True))
+    projector_mlp_width: int = _field(2048, ParamSpec(int, minimum=1))   # REPA's projector_dim
     irepa_enabled: bool = _field(False, ParamSpec(bool), key="irepa_enabled")
     irepa_spatial_norm_alpha: float = _field(0.6, ParamSpec(float, minimum=0.0), key="irepa_spatial_norm_alpha")
     irepa_projector_kernel_size: int = _field(3, ParamSpec(int, minimum=1), key="irepa_projector_kernel_size")

@@ -409,6 +409,16 @@ def test_regularizers_build_the_configured_projector():
     assert reg.projector.conv.weight.grad.abs().sum() > 0
 
     unet, _ = tiny_unet2d_condition()
-    reg = rf.URepaRegularizer.from_config({"urepa_enabled": True, "urepa_projector_kind": "mlp"}, unet,
-                                          encoder=encoder)
+    reg = rf.URepaRegularizer.from_config({"urepa_enabled": True, "urepa_projector_kind": "mlp",
+                                           "urepa_projector_mlp_width": 24}, unet, encoder=encoder)
     assert reg.projector.kind == "mlp" and reg.alignment_loss.target_zscore_alpha is None
+    assert reg.projector.hidden_layers[0].out_features == 24
+
+
+@pytest.mark.parametrize("projector", ["mlp", "irepa"])
+def test_demo_trains_with_each_projector(projector, capsys):
+    pytest.importorskip("diffusers")
+    from repa_fast import cli
+    assert cli.main(["demo", "--steps", "2", "--batch-size", "2", "--projector", projector]) == 0
+    out = capsys.readouterr().out
+    assert f"projector {projector}, backend torch on cpu" in out and "summary:" in out

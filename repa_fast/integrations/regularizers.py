@@ -153,9 +153,10 @@ class _Regularizer(nn.Module):
 
 
 def _projector_options(config, hidden_dim: int, encoder_dim: int) -> Dict[str, Any]:
-    """The loss's projector (`*_projector_kind`, iREPA's conv of `irepa_projector_kernel_size`)
-    and target z-score (`irepa_spatial_norm_alpha` when `irepa_enabled`)."""
-    projector = RepaProjector(hidden_dim, encoder_dim, config.projector, kernel_size=config.irepa_projector_kernel_size)
+    """The loss's projector (`*_projector_kind`: an MLP of `*_projector_mlp_width`, iREPA's conv of
+    `irepa_projector_kernel_size`) and target z-score (`irepa_spatial_norm_alpha` with `irepa_enabled`)."""
+    projector = RepaProjector(hidden_dim, encoder_dim, config.projector, mlp_width=config.projector_mlp_width,
+                              kernel_size=config.irepa_projector_kernel_size)
     return dict(projector=projector, target_zscore_alpha=config.target_zscore_alpha)
 
 

@@ -15,7 +15,7 @@ extras = {
     "diffusers": ["diffusers", "transformers", "safetensors"],
     "bench": ["matplotlib"],
 }
-extras["test"] = test_extras + extras["triton"] + extras["diffusers"]
+extras["test"] = test_extras + extras["triton"] + extras["diffusers"] + ["accelerate"]  # the README's accelerate loop runs in tests/test_readme.py
 
 
 def cuda_extension_args() -> dict:

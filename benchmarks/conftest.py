@@ -18,7 +18,8 @@ def pytest_addoption(parser):
                     help="presets, case names or patterns, comma-separated, as `repa-fast bench --cases` "
                          "(default: gpu on cuda, cpu on cpu)")
     group.addoption("--bench-backends", default=None,
-                    help="comma-separated backends (default: all that run on the device, plus torch.compile)")
+                    help="comma-separated rows (default: the SimpleTuner baselines, every backend that runs "
+                         "on the device, and torch.compile)")
     group.addoption("--bench-dtype", default="auto", choices=("auto", *DTYPES),
                     help="activation dtype (default: bf16 on cuda, fp32 on cpu)")
 

@@ -1,5 +1,6 @@
-"""Forward + backward of repa_loss, urepa_loss and manifold_loss on every backend and
-torch.compile of the torch backend, one benchmark per (case, backend), grouped by case.
+"""Forward + backward of repa_loss, urepa_loss and manifold_loss on every backend,
+torch.compile of the torch backend and the SimpleTuner baselines (`simpletuner`,
+`simpletuner.compile`), one benchmark per (case, row), grouped by case.
 No timing assertions: the numbers are the product. Peak memory and the GEMM floor go into
 each benchmark's extra_info (in --benchmark-json)."""
 from repa_fast.cli.bench import peak_memory_bytes

@@ -356,7 +356,9 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*
     d_mask = d < D
     scale = tl.load(DzScale)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # db is carried as a column and reshaped once after the loop: triton 3.6-3.8's
+    # OptimizeThreadLocality asserts that a loop-carried row sum has a single use
+    db = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     row_start = split * rows_per_split
     row_stop = tl.minimum(row_start + rows_per_split, M)
     for r0 in range(row_start, row_stop, BLOCK_K):
@@ -374,13 +376,14 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*
                                e[:, None] * stride_ze + _row_offsets(rows, N, stride_zb, stride_zn)[None, :],
                                e[:, None] * stride_te + _row_offsets(rows, N, stride_tb, stride_tn)[None, :],
                                e_mask[:, None] & row_mask[None, :], alpha, beta, DZ_FROM_COSINE, False)
-        db += tl.sum(dz_t, axis=1)
+        db += tl.sum(dz_t, axis=1, keep_dims=True)
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
         xhat = _load_normalized(X, _row_offsets(rows, N, stride_xb, stride_xn), mean, rstd, d,
                                 row_mask[:, None] & d_mask[None, :], stride_xd)
         acc = _dot(dz_t * scale, xhat, acc, OPERANDS)
     acc = acc * (1.0 / scale)
+    db = tl.reshape(db, (BLOCK_M,))
     if num_splits == 1:
         _dw_epilogue(acc, db, e, d, pid_e, pid_d, E, D, W, stride_we, stride_wd, Gamma, Beta_ln,
                      DW, Db, DGammaPart)
@@ -538,8 +541,9 @@ class GemmConfig:
 
 # GEMM tiles per kernel ("fwd", "dx", "dw") and operand class: "fp16" and "tf32" run on tensor
 # cores (fp32 operands take half the K depth so three stages fit an A100's 164 KiB of shared
-# memory); "ieee" is exact fp32 on the FMA units, small tiles. dx's K-loop also forms dL/dz and the
-# LayerNorm row means, hence its shallower K step (no register spills; tests/test_triton_aot.py).
+# memory); "ieee" is exact fp32 on the FMA units, small tiles. dx's and dw's K-loops also form the
+# dL/dz tiles (dx also the LayerNorm row means), hence their shallower K step: no register spills on
+# triton 3.6 to 3.9 (tests/test_triton_aot.py).
 GEMM_CONFIGS = {
     ("fwd", "fp16"): GemmConfig(128, 128, 64, 8, 3),
     ("fwd", "tf32"): GemmConfig(128, 128, 32, 8, 3),
@@ -547,7 +551,7 @@ GEMM_CONFIGS = {
     ("dx", "fp16"): GemmConfig(128, 128, 32, 8, 3),
     ("dx", "tf32"): GemmConfig(128, 128, 32, 8, 3),
     ("dx", "ieee"): GemmConfig(64, 64, 16, 4, 3),
-    ("dw", "fp16"): GemmConfig(128, 128, 64, 8, 3),
+    ("dw", "fp16"): GemmConfig(128, 128, 32, 8, 3),
     ("dw", "tf32"): GemmConfig(128, 128, 32, 8, 3),
     ("dw", "ieee"): GemmConfig(64, 64, 16, 4, 3),
 }

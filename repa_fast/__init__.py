@@ -4,6 +4,9 @@ from .backends import BackendUnavailableError, available_backends
 from .integrations.capture import capture_transformer_block, capture_unet_mid_block
 from .config import RepaConfig, URepaConfig
 from .integrations.encoders import VisionEncoder
+from .integrations.feature_cache import (FeatureCache, FeatureCacheMismatchError, FeatureCacheWarning,
+                                         fill_feature_cache)
+from .integrations.input_checks import InputWarning
 from .functional import align_tokens, cosine_alignment_loss, manifold_loss, repa_loss, urepa_loss
 from .modules import RepaLoss, RepaProjector, URepaLoss
 from .integrations.regularizers import RepaRegularizer, URepaRegularizer
@@ -16,4 +19,6 @@ __all__ = [
     "RepaProjector", "RepaLoss", "URepaLoss", "LambdaSchedule", "RepaConfig", "URepaConfig",
     "BackendUnavailableError", "AlignmentPlan", "plan_alignment", "__version__",
     "VisionEncoder", "capture_unet_mid_block", "capture_transformer_block", "RepaRegularizer", "URepaRegularizer",
+    "FeatureCache", "FeatureCacheMismatchError", "FeatureCacheWarning", "fill_feature_cache",
+    "InputWarning",
 ]

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 
 Grid = Tuple[int, int]
 
+# "grid": each side resampled on its own grid when both have one (the geometrically right rule);
+# "sequence": SimpleTuner 4.10.1's rule exactly, which never sees a grid: a side is resampled
+# bilinearly only when its count and the target count are both perfect squares, else linearly
+# over the flat sequence.
+TOKEN_ALIGNMENTS = ("grid", "sequence")
+
 
 @dataclass(frozen=True)
 class Resample:
@@ -48,16 +54,29 @@ def square_grid(n: int) -> Optional[Grid]:
     return (side, side) if side * side == n else None
 
 
+def check_token_alignment(token_alignment) -> str:
+    if token_alignment not in TOKEN_ALIGNMENTS:
+        raise ValueError(f"token_alignment must be one of {', '.join(map(repr, TOKEN_ALIGNMENTS))}, "
+                         f"got {token_alignment!r}")
+    return token_alignment
+
+
 def plan_alignment(n_a: int, n_b: int, a_grid: Optional[Grid] = None, b_grid: Optional[Grid] = None,
-                   spatial_align: bool = True) -> AlignmentPlan:
-    """Resample both sides to the smaller one, as SimpleTuner does.
+                   spatial_align: bool = True, token_alignment: str = "grid") -> AlignmentPlan:
+    """Resample both sides to the smaller one.
 
     Sides differ when their token counts differ, or when both grids are known and differ.
     With `spatial_align=False` differing sides are mean-pooled to one token. Otherwise, when both
     sides have a grid (given, or square by count) both go to the grid with fewer tokens (ties go
     to `b`'s grid: the encoder's layout is the reference) with bilinear resampling; else both go
     to the smaller count by linear resampling over the flat sequence.
+
+    `token_alignment="sequence"` drops the given grids first (SimpleTuner's rule: only counts
+    matter, so equal counts are never resampled and a non-square side is resampled as a sequence);
+    with no grids given the two rules are the same.
     """
+    if check_token_alignment(token_alignment) == "sequence":
+        a_grid = b_grid = None
     grids_differ = a_grid is not None and b_grid is not None and tuple(a_grid) != tuple(b_grid)
     if n_a == n_b and not grids_differ:
         return AlignmentPlan(None, None, n_a)

@@ -1,9 +1,15 @@
 """REPA / U-REPA settings parsed from SimpleTuner's `crepa_*` / `urepa_*` config keys.
 
 A field is its key without the prefix (`crepa_block_index` -> `block_index`), except that
-`lambda` is spelled `lambda_`. Every field carries the `ParamSpec` that checks it; the schedule
-fields reuse `repa_fast.schedule.SCHEDULE_PARAMS`, so they are checked exactly as
-`LambdaSchedule` checks its arguments.
+`lambda` is spelled `lambda_` and the `irepa_*` keys (read by both of SimpleTuner's regularizers)
+keep their name. Every field carries the `ParamSpec` that checks it; the schedule fields reuse
+`repa_fast.schedule.SCHEDULE_PARAMS`, so they are checked exactly as `LambdaSchedule` checks its
+arguments.
+
+Every key SimpleTuner 4.10.1 reads is accepted, and a key given as None takes its default (as
+SimpleTuner reads it). Keys that only matter for video models are accepted at any valid value;
+keys that would change the image loss in a way repa-fast does not implement are an error when
+set to anything but their default (`unsupported=` on the field), never silently ignored.
 """
 from __future__ import annotations
 
@@ -12,19 +18,28 @@ import difflib
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
+from .alignment import TOKEN_ALIGNMENTS
 from .schedule import SCHEDULE_PARAMS, LambdaSchedule, ParamSpec
 
 _SPEC = "spec"
 _KEY = "key"
-# iREPA's keys, shared by both regularizers as in SimpleTuner (no crepa_ / urepa_ prefix).
-IREPA_PREFIX = "irepa_"
+_UNSUPPORTED = "unsupported"
+# Keys of this prefix belong to both configs (SimpleTuner's two regularizers both read them).
+_SHARED_PREFIX = "irepa_"
 # The projector kinds (repa_fast.projectors.PROJECTOR_KINDS; not imported: config stays torch-free).
 PROJECTOR_KINDS = ("layernorm_linear", "mlp", "conv")
 
 
-def _field(default: Any, spec: ParamSpec, key: str | None = None) -> Any:
-    """A config field; `key`: its config key when it is not the prefix + the field's name."""
-    return dataclasses.field(default=default, metadata={_SPEC: spec, _KEY: key})
+def _field(default: Any, spec: ParamSpec, *, key: str | None = None, unsupported: str | None = None,
+           supported: tuple = ()) -> Any:
+    """`key`: the config key when it is not prefix + name. `unsupported`: why a value other than
+    the default (or one of `supported`) is refused."""
+    metadata = {_SPEC: spec}
+    if key is not None:
+        metadata[_KEY] = key
+    if unsupported is not None:
+        metadata[_UNSUPPORTED] = ((default, *supported), unsupported)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _schedule_field(default: Any, name: str) -> Any:
@@ -48,26 +63,37 @@ class _AlignmentConfig:
     similarity_threshold: float | None = _schedule_field(None, "similarity_threshold")
     similarity_ema_decay: float = _schedule_field(0.99, "similarity_ema_decay")
     threshold_mode: str = _schedule_field("permanent", "threshold_mode")
+    # repa-fast's own: "grid" or "sequence" (SimpleTuner's rule), see repa_fast.alignment.
+    token_alignment: str = _field("grid", ParamSpec(str, choices=TOKEN_ALIGNMENTS))
     # The projector: None picks "conv" with iREPA, else "layernorm_linear" (SimpleTuner's).
     projector_kind: str | None = _field(None, ParamSpec(str, choices=PROJECTOR_KINDS, optional=True))
     projector_mlp_width: int = _field(2048, ParamSpec(int, minimum=1))   # REPA's projector_dim
     irepa_enabled: bool = _field(False, ParamSpec(bool), key="irepa_enabled")
     irepa_spatial_norm_alpha: float = _field(0.6, ParamSpec(float, minimum=0.0), key="irepa_spatial_norm_alpha")
+    # SimpleTuner checks it is odd only when it builds the iREPA projector.
     irepa_projector_kernel_size: int = _field(3, ParamSpec(int, minimum=1), key="irepa_projector_kernel_size")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            value = field.metadata[_SPEC].parse(self.key(field.name), getattr(self, field.name))
+            key = self.key(field.name)
+            value = field.metadata[_SPEC].parse(key, getattr(self, field.name))
+            if _UNSUPPORTED in field.metadata:
+                supported, why = field.metadata[_UNSUPPORTED]
+                if value not in supported:
+                    raise ValueError(f"{key}={value!r} is not supported: {why}; leave it at "
+                                     f"{' or '.join(map(repr, supported))} (or use SimpleTuner's own regularizer)")
             object.__setattr__(self, field.name, value)  # frozen: store the normalized value
-        if self.irepa_projector_kernel_size % 2 == 0:
-            raise ValueError(f"irepa_projector_kernel_size must be odd, got {self.irepa_projector_kernel_size}")
-        if self.irepa_enabled and self.projector_kind not in (None, "conv"):
-            raise ValueError(f"irepa_enabled uses iREPA's conv projector, but {self.key('projector_kind')} is "
-                             f"{self.projector_kind!r}: leave it unset (or 'conv'), or turn irepa_enabled off")
 
     @property
     def projector(self) -> str:
-        """The projector kind these settings pick."""
+        """The projector kind these settings pick. Checked here, when a projector is built (as
+        SimpleTuner checks the kernel size), not at parsing: the keys may be set while disabled."""
+        if self.irepa_enabled and self.irepa_projector_kernel_size % 2 == 0:
+            raise ValueError(f"irepa_projector_kernel_size must be odd with irepa_enabled, got "
+                             f"{self.irepa_projector_kernel_size}")
+        if self.irepa_enabled and self.projector_kind not in (None, "conv"):
+            raise ValueError(f"irepa_enabled uses iREPA's conv projector, but {self.key('projector_kind')} is "
+                             f"{self.projector_kind!r}: leave it unset (or 'conv'), or turn irepa_enabled off")
         if self.projector_kind is not None:
             return self.projector_kind
         return "conv" if self.irepa_enabled else "layernorm_linear"
@@ -81,8 +107,9 @@ class _AlignmentConfig:
     def key(cls, field_name: str) -> str:
         """The config key of a field; the `_` of `lambda_` (`lambda` is a keyword) is dropped."""
         field = {field.name: field for field in dataclasses.fields(cls)}.get(field_name)
-        explicit = field.metadata[_KEY] if field is not None else None
-        return explicit or cls.prefix + field_name.removesuffix("_")
+        if field is not None and _KEY in field.metadata:
+            return field.metadata[_KEY]
+        return cls.prefix + field_name.removesuffix("_")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -92,16 +119,18 @@ class _AlignmentConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], *, ignore_unrelated: bool = False) -> Self:
         """Parse prefixed keys; with `ignore_unrelated`, keys without this prefix are skipped so
-        a trainer's whole config can be passed, but a misspelled prefixed key still raises."""
+        a trainer's whole config can be passed, but a misspelled prefixed key still raises. A
+        value of None means the key's default, as in SimpleTuner."""
         if not isinstance(config, Mapping):
             raise ValueError(f"{cls.__name__} config must be a mapping of keys to values, got {config!r}")
         field_by_key = {cls.key(field.name): field.name for field in dataclasses.fields(cls)}
         values = {}
         for key, value in config.items():
             if key in field_by_key:
-                values[field_by_key[key]] = value
+                if value is not None:
+                    values[field_by_key[key]] = value
                 continue
-            has_prefix = isinstance(key, str) and key.startswith((cls.prefix, IREPA_PREFIX))
+            has_prefix = isinstance(key, str) and key.startswith((cls.prefix, _SHARED_PREFIX))
             if has_prefix or not ignore_unrelated:
                 raise ValueError(cls._unknown_key_message(key))
         return cls(**values)
@@ -120,6 +149,8 @@ class _AlignmentConfig:
         # Compare without the prefix: shared by every key, it would make any two keys look alike.
         key_by_name = {valid_key.removeprefix(cls.prefix): valid_key for valid_key in cls.keys()}
         close_names = difflib.get_close_matches(key.removeprefix(cls.prefix), key_by_name)
+        if not close_names and key.startswith(_SHARED_PREFIX):
+            close_names = difflib.get_close_matches(key, key_by_name)
         suggestions = [key_by_name[name] for name in close_names]
         hint = (
             f"did you mean {', '.join(repr(suggestion) for suggestion in suggestions)}?"
@@ -157,8 +188,36 @@ class RepaConfig(_AlignmentConfig):
 
     block_index: int | None = _field(None, ParamSpec(int, minimum=0, optional=True))
     encoder: str = _field("dinov2_vitg14", ParamSpec(str))
+    model: str | None = _field(None, ParamSpec(str, optional=True))  # SimpleTuner prefers it over `encoder`
     encoder_image_size: int = _field(518, ParamSpec(int, minimum=1))
     spatial_align: bool = _field(True, ParamSpec(bool))
+    use_tae: bool = _field(False, ParamSpec(bool))
+    # Video-only in SimpleTuner (neighbour frames, frame batching): no effect on an image loss.
+    drop_vae_encoder: bool = _field(False, ParamSpec(bool))
+    adjacent_distance: int = _field(1, ParamSpec(int, minimum=0))
+    adjacent_tau: float = _field(1.0, ParamSpec(float, minimum=0.0, minimum_inclusive=False))
+    cumulative_neighbors: bool = _field(False, ParamSpec(bool))
+    encoder_frames_batch_size: int = _field(-1, ParamSpec(int))
+    normalize_by_frames: bool = _field(True, ParamSpec(bool))
+    normalize_neighbour_sum: bool = _field(False, ParamSpec(bool))
+    # Teachers other than the external encoder: SimpleTuner's, not repa-fast's.
+    use_backbone_features: bool = _field(False, ParamSpec(bool), unsupported="backbone teacher features are "
+                                                                           "not implemented in repa-fast")
+    feature_source: str | None = _field(
+        None, ParamSpec(str, choices=("encoder", "external", "backbone", "internal", "self_flow", "selfflow"),
+                        optional=True),
+        unsupported="repa-fast aligns to the external encoder only", supported=("encoder", "external"))
+    self_flow: bool = _field(False, ParamSpec(bool), unsupported="self-flow teacher features are not "
+                                                                 "implemented in repa-fast")
+    teacher_block_index: int | None = _field(None, ParamSpec(int, minimum=0, optional=True),
+                                             unsupported="a teacher block (backbone / self-flow features) is "
+                                                         "not implemented in repa-fast")
+    self_flow_mask_ratio: float = _field(0.1, ParamSpec(float, minimum=0.0))
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder SimpleTuner loads: `crepa_model`, else `crepa_encoder`."""
+        return self.model or self.encoder
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -171,6 +230,20 @@ class URepaConfig(_AlignmentConfig):
     model: str = _field("dinov2_vitg14", ParamSpec(str))
     encoder_image_size: int = _field(518, ParamSpec(int, minimum=1))
     use_tae: bool = _field(False, ParamSpec(bool))
+
+    @property
+    def encoder_name(self) -> str:
+        return self.model
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], *, ignore_unrelated: bool = False) -> Self:
+        """As the base; without `urepa_model` the encoder is `crepa_model`, else `crepa_encoder`
+        (SimpleTuner's fallback: one encoder for both)."""
+        parsed = super().from_dict(config, ignore_unrelated=ignore_unrelated)
+        shared = {key: config[key] for key in ("crepa_model", "crepa_encoder") if config.get(key) is not None}
+        if config.get("urepa_model") is None and shared:
+            parsed = dataclasses.replace(parsed, model=RepaConfig.from_dict(shared).encoder_name)
+        return parsed
 
 
 _CONFIG_CLASSES: tuple[type[_AlignmentConfig], ...] = (RepaConfig, URepaConfig)

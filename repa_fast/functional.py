@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .alignment import Grid, plan_alignment, resample_tokens
+from .alignment import Grid, check_token_alignment, plan_alignment, resample_tokens
 from .backends import resolve_backend
 from .reference import compute_dtype, linear_then_resample
 from .validation import (TOKEN_LAYOUTS, as_tokens, check_batch, check_eps, check_finite_if_asked, check_flag,
@@ -19,7 +19,7 @@ from .validation import (TOKEN_LAYOUTS, as_tokens, check_batch, check_eps, check
 
 
 def _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
-                        spatial_align, ln_eps) -> tuple:
+                        spatial_align, ln_eps, token_alignment) -> tuple:
     """The backend's arguments: hidden tokens, the detached target, the four parameters, the
     alignment plan and ln_eps."""
     h, h_grid = as_tokens("hidden", hidden, hidden_grid)
@@ -30,8 +30,10 @@ def _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bi
     check_param_dtypes(hidden, **params)
     check_same_device(hidden=hidden, target=target, **params)
     eps = check_eps(ln_eps)
+    check_token_alignment(token_alignment)
     check_finite_if_asked(hidden=hidden, target=target, **params)
-    plan = plan_alignment(h.shape[1], t.shape[1], h_grid, t_grid, check_flag("spatial_align", spatial_align))
+    plan = plan_alignment(h.shape[1], t.shape[1], h_grid, t_grid, check_flag("spatial_align", spatial_align),
+                          token_alignment)
     # Backends may assume contiguous parameters: they are small, so a strided one (a transposed
     # weight, a slice of a shared buffer) costs one cheap copy here.
     return (h, t.detach(), *(param.contiguous() for param in params.values()), plan, eps)
@@ -50,7 +52,7 @@ def _prepare_pair(projected, target) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _several_encoders_repa_loss(hidden, targets, ln_weights, ln_biases, proj_weights, proj_biases, hidden_grid,
-                                target_grids, spatial_align, ln_eps, backend) -> torch.Tensor:
+                                target_grids, spatial_align, ln_eps, backend, token_alignment) -> torch.Tensor:
     """The mean over encoders of repa_loss, reading hidden once: one LayerNorm (each encoder's
     affine folds into its Linear, LN_k(h) W_k^T + b_k = xhat (W_k diag g_k)^T + (W_k beta_k + b_k))
     and one GEMM over the stacked folded weights per hidden-side alignment, the cosine reduced
@@ -63,7 +65,7 @@ def _several_encoders_repa_loss(hidden, targets, ln_weights, ln_biases, proj_wei
             raise ValueError(f"with a list of {count} targets, {name} must be a list of {count} (one per encoder), "
                              f"got {type(values).__name__}" + (f" of {len(values)}" if isinstance(values, (list, tuple))
                                                                else ""))
-    prepared = [_prepare_projection(hidden, *encoder, hidden_grid, grid, spatial_align, ln_eps)
+    prepared = [_prepare_projection(hidden, *encoder, hidden_grid, grid, spatial_align, ln_eps, token_alignment)
                 for *encoder, grid in zip(targets, *lists.values())]
     module = resolve_backend(backend, hidden.device)
     if count == 1:
@@ -85,31 +87,32 @@ def _several_encoders_repa_loss(hidden, targets, ln_weights, ln_biases, proj_wei
 def repa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
               proj_weight: torch.Tensor, proj_bias: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
               target_grid: Optional[Grid] = None, spatial_align: bool = True, ln_eps: float = 1e-5,
-              backend: Optional[str] = None) -> torch.Tensor:
+              backend: Optional[str] = None, token_alignment: str = "grid") -> torch.Tensor:
     """REPA alignment loss: -mean cos(align(LayerNorm(hidden) @ W^T + b), align(target)).
 
     hidden: (B, S, D) tokens or a (B, D, H, W) feature map; target: (B, N, E) encoder tokens;
     ln_weight, ln_bias: (D,); proj_weight: (E, D); proj_bias: (E,). Returns a scalar in [-1, 1].
+    `token_alignment`: "grid" (each side bilinear on its own grid) or "sequence" (SimpleTuner's rule).
 
     Several encoders: `target` a list of (B, N_k, E_k), each of the four parameters and
     `target_grid` (or None) a list of the same length; returns the mean over encoders.
     """
     if isinstance(target, (list, tuple)) and target and all(isinstance(t, torch.Tensor) for t in target):
         return _several_encoders_repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid,
-                                           target_grid, spatial_align, ln_eps, backend)
+                                           target_grid, spatial_align, ln_eps, backend, token_alignment)
     args = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
-                               spatial_align, ln_eps)
+                               spatial_align, ln_eps, token_alignment)
     return resolve_backend(backend, hidden.device).repa_loss(*args)
 
 
 def urepa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                proj_weight: torch.Tensor, proj_bias: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
                target_grid: Optional[Grid] = None, ln_eps: float = 1e-5,
-               backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               backend: Optional[str] = None, token_alignment: str = "grid") -> Tuple[torch.Tensor, torch.Tensor]:
     """U-REPA: (alignment loss, manifold loss) of one projection, aligned spatially as repa_loss.
     The trainer's total is lambda * (alignment + manifold_weight * manifold)."""
     args = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
-                               True, ln_eps)
+                               True, ln_eps, token_alignment)
     return resolve_backend(backend, hidden.device).urepa_loss(*args)
 
 
@@ -128,7 +131,7 @@ def manifold_loss(projected: torch.Tensor, target: torch.Tensor, *, backend: Opt
 
 
 def align_tokens(a: torch.Tensor, b: torch.Tensor, *, a_grid: Optional[Grid] = None, b_grid: Optional[Grid] = None,
-                 spatial_align: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                 spatial_align: bool = True, token_alignment: str = "grid") -> Tuple[torch.Tensor, torch.Tensor]:
     """Resample (B, Na, Ca) and (B, Nb, Cb) tokens (or (B, C, H, W) feature maps) to one token
     count, the smaller one (DESIGN.md §1). Returns (B, N, Ca) and (B, N, Cb)."""
     a_tokens, a_grid = as_tokens("a", a, a_grid)
@@ -137,5 +140,5 @@ def align_tokens(a: torch.Tensor, b: torch.Tensor, *, a_grid: Optional[Grid] = N
     check_same_device(a=a, b=b)
     check_finite_if_asked(a=a, b=b)
     plan = plan_alignment(a_tokens.shape[1], b_tokens.shape[1], a_grid, b_grid,
-                          check_flag("spatial_align", spatial_align))
+                          check_flag("spatial_align", spatial_align), token_alignment)
     return resample_tokens(a_tokens, plan.a), resample_tokens(b_tokens, plan.b)

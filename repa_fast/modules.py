@@ -9,13 +9,17 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .alignment import Grid, square_grid
+from .alignment import Grid, check_token_alignment, square_grid
 from .backends import check_backend
 from .functional import repa_loss
 from .projectors import check_projector_kind, check_zscore_alpha, projector_losses
 from .reference import spatial_zscore
 from .schedule import LambdaSchedule
 from .validation import as_tokens, check_eps, check_flag, check_projector, check_same_device
+
+
+# Where SimpleTuner keeps its projectors in the model's state dict.
+SIMPLETUNER_PROJECTOR_PREFIXES = ("crepa_projector.", "urepa_projector.")
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -116,6 +120,29 @@ class RepaProjector(nn.Sequential):
         fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], self.hidden_dim, *grid)
         return self.conv(fmap).flatten(2).transpose(1, 2)
 
+    def load_simpletuner_state_dict(self, state_dict: Mapping[str, torch.Tensor], *,
+                                    prefix: Optional[str] = None) -> None:
+        """Load a SimpleTuner projector: the keys under `prefix` (default: whichever of
+        `crepa_projector.` / `urepa_projector.` the dict has, so a whole model's state dict works)
+        or, when no key has it, the dict itself (`0.weight`, `0.bias`, `1.weight`, `1.bias`).
+        Missing, unexpected or mis-shaped keys are a ValueError."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+        prefixes = [prefix] if prefix is not None else list(SIMPLETUNER_PROJECTOR_PREFIXES)
+        found = [p for p in prefixes if any(isinstance(k, str) and k.startswith(p) for k in state_dict)]
+        if len(found) > 1:
+            raise ValueError(f"state_dict holds both {found[0]}* and {found[1]}* keys: pass prefix= to pick one")
+        if found:
+            state_dict = {k[len(found[0]):]: v for k, v in state_dict.items() if k.startswith(found[0])}
+        try:
+            self.load_state_dict(dict(state_dict), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"state_dict does not fit this projector: {err}") from err
+
+    def simpletuner_state_dict(self, prefix: str = "crepa_projector.") -> Dict[str, torch.Tensor]:
+        """The projector's state dict under SimpleTuner's keys (`crepa_projector.0.weight`, ...)."""
+        return {prefix + key: value for key, value in self.state_dict().items()}
+
     def load_source_state_dict(self, state_dict: Mapping[str, torch.Tensor], *, index: int = 0) -> None:
         """Load this projector from a checkpoint of the codebase its kind comes from: its own keys,
         REPA's `projectors.{index}.*` (a SiT / REPA-E / LightningDiT model state dict) or
@@ -125,7 +152,7 @@ class RepaProjector(nn.Sequential):
             raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
         own = set(self.state_dict())
         found = dict(state_dict) if set(state_dict) == own else {}
-        for marker in (f"projectors.{index}.", "crepa_projector.", "urepa_projector."):
+        for marker in (f"projectors.{index}.", *SIMPLETUNER_PROJECTOR_PREFIXES):
             if found:
                 break
             found = {key.split(marker, 1)[1]: value for key, value in state_dict.items()
@@ -167,8 +194,8 @@ class _ScheduledAlignmentLoss(nn.Module):
     mean over ranks (one all-reduce per training step), so every rank cuts off at the same step.
     """
 
-    def __init__(self, hidden_dim: int, encoder_dim, schedule, backend: Optional[str], projector,
-                 target_zscore_alpha: Optional[float]):
+    def __init__(self, hidden_dim: int, encoder_dim, schedule, backend: Optional[str], token_alignment: str,
+                 projector, target_zscore_alpha: Optional[float]):
         super().__init__()
         projectors = _build_projectors(hidden_dim, encoder_dim, projector)
         if isinstance(encoder_dim, Sequence):
@@ -177,6 +204,7 @@ class _ScheduledAlignmentLoss(nn.Module):
             self.projector = projectors[0]
         self.schedule = _as_schedule(schedule)
         self.backend = check_backend(backend)
+        self.token_alignment = check_token_alignment(token_alignment)
         self.target_zscore_alpha = check_zscore_alpha(target_zscore_alpha)
         self.step_count = 0
 
@@ -271,8 +299,8 @@ def _build_projectors(hidden_dim: int, encoder_dim, projector) -> List[RepaProje
 class RepaLoss(_ScheduledAlignmentLoss):
     """REPA for DiTs: `loss = weight(step) * L_align`; logs alignment, similarity, weight.
 
-    `schedule`: a LambdaSchedule, a number (constant lambda) or None (constant 0.5, the seed's
-    default). `projector`: a kind name ("layernorm_linear", "mlp", "conv") or a RepaProjector.
+    `schedule`: a LambdaSchedule, a number (constant lambda) or None (constant 0.5, SimpleTuner's
+    default). `token_alignment`: "grid" or "sequence" (SimpleTuner's rule), as `repa_loss`. `projector`: a kind name ("layernorm_linear", "mlp", "conv") or a RepaProjector.
     `target_zscore_alpha`: None, or iREPA's spatial z-score of the target (0.6 in iREPA).
     Several encoders: `encoder_dim` a list of widths (and `projector` a kind name or a list of
     RepaProjectors); forward then takes a list of targets (and of target grids) and the loss is
@@ -282,10 +310,10 @@ class RepaLoss(_ScheduledAlignmentLoss):
     log_names = ("alignment",)
 
     def __init__(self, hidden_dim: int, encoder_dim: Union[int, Sequence[int]], *, schedule=None,
-                 spatial_align: bool = True, backend: Optional[str] = None,
+                 spatial_align: bool = True, backend: Optional[str] = None, token_alignment: str = "grid",
                  projector: Union[str, RepaProjector, Sequence[RepaProjector]] = "layernorm_linear",
                  target_zscore_alpha: Optional[float] = None):
-        super().__init__(hidden_dim, encoder_dim, schedule, backend, projector, target_zscore_alpha)
+        super().__init__(hidden_dim, encoder_dim, schedule, backend, token_alignment, projector, target_zscore_alpha)
         self.spatial_align = check_flag("spatial_align", spatial_align)
 
     def _losses(self, hidden, target, hidden_grid, target_grid):
@@ -303,10 +331,12 @@ class RepaLoss(_ScheduledAlignmentLoss):
             if len(eps) > 1:
                 raise ValueError(f"the encoders' LayerNorms have different eps {sorted(eps)}: one LayerNorm serves all")
             return (repa_loss(hidden, targets, *params, hidden_grid=hidden_grid, target_grid=grids,
-                              spatial_align=self.spatial_align, ln_eps=eps.pop(), backend=self.backend),)
+                              spatial_align=self.spatial_align, ln_eps=eps.pop(), backend=self.backend,
+                              token_alignment=self.token_alignment),)
         losses = [projector_losses(p, hidden, t, hidden_grid=hidden_grid, target_grid=grid,
                                    spatial_align=self.spatial_align, target_zscore_alpha=self.target_zscore_alpha,
-                                   backend=self.backend)[0] for p, t, grid in pairs]
+                                   backend=self.backend, token_alignment=self.token_alignment)[0]
+                  for p, t, grid in pairs]
         return (losses[0] if len(losses) == 1 else torch.stack(losses).mean(),)
 
     def _term_weights(self):
@@ -321,11 +351,11 @@ class URepaLoss(_ScheduledAlignmentLoss):
     log_names = ("alignment", "manifold")
 
     def __init__(self, hidden_dim: int, encoder_dim: int, *, manifold_weight: float = 3.0, schedule=None,
-                 backend: Optional[str] = None, projector: Union[str, RepaProjector] = "layernorm_linear",
-                 target_zscore_alpha: Optional[float] = None):
+                 backend: Optional[str] = None, token_alignment: str = "grid",
+                 projector: Union[str, RepaProjector] = "layernorm_linear", target_zscore_alpha: Optional[float] = None):
         if isinstance(encoder_dim, Sequence):
             raise ValueError(f"URepaLoss aligns one encoder: encoder_dim must be an int, got {encoder_dim!r}")
-        super().__init__(hidden_dim, encoder_dim, schedule, backend, projector, target_zscore_alpha)
+        super().__init__(hidden_dim, encoder_dim, schedule, backend, token_alignment, projector, target_zscore_alpha)
         if isinstance(manifold_weight, bool) or not isinstance(manifold_weight, (int, float)) \
                 or not math.isfinite(manifold_weight) or manifold_weight < 0:
             raise ValueError(f"manifold_weight must be a number >= 0, got {manifold_weight!r}")
@@ -333,7 +363,8 @@ class URepaLoss(_ScheduledAlignmentLoss):
 
     def _losses(self, hidden, target, hidden_grid, target_grid):
         return projector_losses(self.projector, hidden, target, hidden_grid=hidden_grid, target_grid=target_grid,
-                                target_zscore_alpha=self.target_zscore_alpha, manifold=True, backend=self.backend)
+                                target_zscore_alpha=self.target_zscore_alpha, manifold=True, backend=self.backend,
+                                token_alignment=self.token_alignment)
 
     def _term_weights(self):
         return (1.0, self.manifold_weight)

@@ -73,10 +73,11 @@ def _conv_tokens(projector, tokens: torch.Tensor, grid: Grid, dtype: torch.dtype
 def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
                      target_grid: Optional[Grid] = None, spatial_align: bool = True,
                      target_zscore_alpha: Optional[float] = None, manifold: bool = False,
-                     backend: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
+                     backend: Optional[str] = None, token_alignment: str = "grid") -> Tuple[torch.Tensor, ...]:
     """(L_align,) or, with `manifold`, (L_align, L_manifold) of `projector` (a RepaProjector)
     on `hidden` against `target`, z-scoring the target over its tokens first when
-    `target_zscore_alpha` is a number (iREPA, before the alignment as SimpleTuner does)."""
+    `target_zscore_alpha` is a number (iREPA, before the alignment as SimpleTuner does).
+    `token_alignment` as repa_loss's (the conv head still runs on the hidden tokens' grid)."""
     alpha = check_zscore_alpha(target_zscore_alpha)
     tokens, h_grid = as_tokens("hidden", hidden, hidden_grid)
     t, t_grid = as_tokens("target", target, target_grid, allow_feature_map=False)
@@ -84,7 +85,8 @@ def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, h
     if alpha is not None:
         t = spatial_zscore(t, alpha)
     if projector.kind == "layernorm_linear":
-        kwargs = dict(hidden_grid=hidden_grid, target_grid=t_grid, ln_eps=projector.norm.eps, backend=backend)
+        kwargs = dict(hidden_grid=hidden_grid, target_grid=t_grid, ln_eps=projector.norm.eps, backend=backend,
+                      token_alignment=token_alignment)
         if manifold:
             return urepa_loss(hidden, t, *projector.loss_args(), **kwargs)
         return (repa_loss(hidden, t, *projector.loss_args(), spatial_align=spatial_align, **kwargs),)
@@ -99,7 +101,8 @@ def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, h
         x = tokens.to(dtype)
         for layer in projector.hidden_layers:
             x = _linear(x, layer) if isinstance(layer, nn.Linear) else layer(x)
-        plan = plan_alignment(x.shape[1], t.shape[1], h_grid, t_grid, check_flag("spatial_align", spatial_align))
+        plan = plan_alignment(x.shape[1], t.shape[1], h_grid, t_grid, check_flag("spatial_align", spatial_align),
+                              token_alignment)
         z, t = aligned_projection(x, t, None, None, projector.linear.weight, projector.linear.bias, plan, 0.0)
     else:
         grid = h_grid if h_grid is not None else square_grid(tokens.shape[1])
@@ -108,7 +111,8 @@ def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, h
                              f"has {tokens.shape[1]} tokens, not a square; pass hidden_grid=(h, w) or a "
                              f"(B, D, H, W) feature map")
         z = _conv_tokens(projector, tokens, grid, dtype)
-        plan = plan_alignment(z.shape[1], t.shape[1], grid, t_grid, check_flag("spatial_align", spatial_align))
+        plan = plan_alignment(z.shape[1], t.shape[1], grid, t_grid, check_flag("spatial_align", spatial_align),
+                              token_alignment)
         z, t = resample_tokens(z, plan.a), resample_tokens(t, plan.b)
     t = t.to(z.dtype)
     module = resolve_backend(backend, hidden.device)

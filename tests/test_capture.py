@@ -178,15 +178,17 @@ def test_unet_mid_block(name):
     assert model.conv_in.weight.grad.abs().sum() > 0 and model.conv_out.weight.grad is None
 
 
-def test_hooks_removed_and_last_forward_kept():
+def test_hooks_removed_and_one_forward_per_capture():
     model, inputs = tiny_unet2d()
     with capture_unet_mid_block(model) as cap:
         with pytest.raises(RuntimeError, match="nothing was captured"):
             cap.output
         model(**inputs)
         first = cap.output
-        model(**inputs)
-        assert cap.output is not first  # the last forward's features
+        with pytest.raises(RuntimeError, match="UNet2DModel ran a second forward inside one `with"):
+            with torch.no_grad():
+                model(**inputs)
+        assert cap.output is first  # the second forward replaced nothing
     kept = cap.output
     assert not model.mid_block._forward_hooks and not model._forward_pre_hooks
     model(**inputs)

@@ -78,6 +78,9 @@ PROJECTION_CASES = {
     "regrid-same-count": (1, 64, 20, 64, 12, {"hidden_grid": (16, 4), "target_grid": (8, 8)}),
     "feature-map": (2, (6, 5), 24, 30, 18, {}),
     "feature-map-bilinear": (2, (8, 8), 24, 36, 40, {}),
+    # SimpleTuner's rule: the non-square side resampled as a flat sequence (target, then hidden).
+    "sequence-rule": (2, (6, 4), 24, 49, 18, {"token_alignment": "sequence"}),
+    "sequence-rule-hidden-shrinks": (2, (10, 6), 24, 49, 18, {"token_alignment": "sequence"}),
 }
 
 
@@ -111,7 +114,8 @@ def test_repa_loss_mean_pooled(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["same-count", "bilinear-hidden", "bilinear-target", "feature-map-bilinear"])
+@pytest.mark.parametrize("case", ["same-count", "bilinear-hidden", "bilinear-target", "feature-map-bilinear",
+                                  "sequence-rule-hidden-shrinks"])
 def test_urepa_loss(device, case, dtype):
     inputs, kwargs = make_inputs(case, dtype, device)
     assert_matches_reference(rf.urepa_loss, inputs, backend="cuda", **kwargs)

@@ -376,14 +376,15 @@ def test_config_keys_pick_the_projector():
 @pytest.mark.parametrize("config, match", [
     ({"irepa_enabled": True, "crepa_projector_kind": "mlp"},
      "irepa_enabled uses iREPA's conv projector, but crepa_projector_kind is 'mlp'"),
-    ({"irepa_projector_kernel_size": 4}, "irepa_projector_kernel_size must be odd, got 4"),
+    ({"irepa_enabled": True, "irepa_projector_kernel_size": 4},
+     "irepa_projector_kernel_size must be odd with irepa_enabled, got 4"),
     ({"irepa_spatial_norm_alpha": -1}, "irepa_spatial_norm_alpha must be a finite number >= 0, got -1"),
     ({"crepa_projector_kind": "linear"}, "crepa_projector_kind must be one of 'layernorm_linear', 'mlp', 'conv'"),
     ({"irepa_enabld": True}, "unknown RepaConfig key 'irepa_enabld'; did you mean 'irepa_enabled'"),
 ])
 def test_config_keys_reject_bad_projector_settings(config, match):
     with pytest.raises(ValueError, match=re.escape(match)):
-        rf.RepaConfig.from_dict(config, ignore_unrelated=True)
+        rf.RepaConfig.from_dict(config, ignore_unrelated=True).projector   # checked when the projector is built
 
 
 def test_regularizers_build_the_configured_projector():

@@ -14,6 +14,10 @@ from repa_fast.integrations.regularizers import default_block_index  # noqa: E40
 from test_capture import DITS, tiny_pixart, tiny_sd3, tiny_unet2d, tiny_unet2d_condition  # noqa: E402
 from test_encoders import tiny_autoencoder_kl, tiny_dinov2  # noqa: E402
 
+# The configs below name DINOv2-G at 518 px; the tests pass a tiny encoder instead, which the
+# regularizer rightly warns about (tests/test_trainer_mistakes.py checks that warning).
+pytestmark = pytest.mark.filterwarnings("ignore:encoder= replaces the config's encoder")
+
 SEED_UREPA = {"urepa_enabled": True, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0,
               "urepa_model": "dinov2_vitg14", "urepa_encoder_image_size": 518}
 SEED_REPA = {"crepa_enabled": True, "crepa_block_index": 1, "crepa_lambda": 0.5,
@@ -88,13 +92,20 @@ def test_wrong_model_type_is_an_error():
 
 
 def test_disabled_config_does_nothing():
-    """A trainer builds both from its whole config; the disabled one loads nothing and returns None."""
+    """A trainer builds its regularizer from its whole config; disabled, it loads no encoder,
+    captures nothing and returns None, but holds the projector an enabled one would (DDP wraps
+    it, checkpoints have the same keys): DINOv2-G's width 1536 by default, without loading it."""
     unet, inputs = tiny_unet2d()
     whole = {**SEED_REPA, "urepa_enabled": False, "learning_rate": 1e-4}
     reg = rf.URepaRegularizer.from_config(whole, unet)  # no encoder given, none loaded
-    assert reg.encoder is None and list(reg.parameters()) == [] and reg.state_dict() == {}
+    assert reg.encoder is None and [p.shape for p in reg.parameters()] == [(16,), (16,), (1536, 16), (1536,)]
+    enabled = rf.URepaRegularizer.from_config(dict(SEED_UREPA, urepa_model="dinov2_vitg14"), unet,
+                                              encoder=encoder())
+    assert reg.state_dict().keys() == enabled.state_dict().keys()
     cap, (loss, logs) = unet_step(reg, unet, inputs, pixels=torch.rand(2, 3, 16, 16))
-    assert loss is None and logs == {}
+    assert loss is None and logs == {} and cap.output is None and cap.grid is None
+    assert not unet._forward_pre_hooks and not unet.mid_block._forward_hooks
+    assert reg(cap.output, hidden_grid=cap.grid, pixels=torch.rand(2, 3, 16, 16)) == (None, {})
     with pytest.raises(ValueError, match="crepa_lamda"):
         rf.RepaRegularizer.from_config({"crepa_lamda": 0.5}, unet)
 

@@ -1,4 +1,4 @@
-"""`repa-fast` command line: info, demo, bench."""
+"""`repa-fast` command line: info, demo, bench, cache."""
 from __future__ import annotations
 
 import argparse
@@ -43,14 +43,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("info", help="versions, devices and available backends")
     # Each command module exposes add_arguments(parser) and run(args) -> exit code, and imports
     # its heavy dependencies (diffusers, matplotlib) only inside run.
-    from . import bench, demo
-    for name, module in (("demo", demo), ("bench", bench)):
+    from . import bench, cache, demo
+    for name, module in (("demo", demo), ("bench", bench), ("cache", cache)):
         module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
-    return {"demo": demo, "bench": bench}[args.command].run(args)
+    return {"demo": demo, "bench": bench, "cache": cache}[args.command].run(args)
 
 
 if __name__ == "__main__":

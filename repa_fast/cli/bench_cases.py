@@ -3,11 +3,15 @@ benchmarks/: what is measured (one forward + backward of a loss), on which shape
 unavoidable GEMM work of each case (the floor).
 
 Shapes are named after real models. Hidden states: SD1.5 512px and SDXL 1024px UNet mid blocks
-(1280 channels on 8x8 and 32x32: SDXL's latent is 128x128, downsampled twice; the seed page says
+(1280 channels on 8x8 and 32x32: SDXL's latent is 128x128, downsampled twice; SimpleTuner's REPA page says
 16x16, DESIGN.md §5 uses 32x32, and 32x32 is what the SDXL UNet produces), Flux 1024px (64x64
 tokens x 3072), SD3-medium 512px (32x32 tokens x 1536) and SiT-XL/2 256px (16x16 tokens x 1152).
 Targets: DINOv2 ViT-S/B/L/G (384/768/1024/1536 wide) at 224px (16x16 patch tokens) and 518px
 (37x37). The `design` preset is DESIGN.md §5's table, case for case.
+
+Beside repa-fast's backends every case runs `torch.compile` of the torch backend and the
+baseline a trainer decides from: `simpletuner`, SimpleTuner's (the seed system's) math as
+trainers run it today, written here in plain torch, and `simpletuner.compile`, torch.compile of it.
 """
 from __future__ import annotations
 
@@ -18,14 +22,21 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import functional as rf
-from ..alignment import plan_alignment
+from ..alignment import plan_alignment, resample_tokens
 from ..backends import available_backends
 
 COMPILED = "torch.compile"  # torch.compile of the torch backend, benchmarked beside the backends
+BASELINE = "simpletuner"  # SimpleTuner's math as trainers run it, plain autograd: every row's speedup is against it
+BASELINE_COMPILED = "simpletuner.compile"
+# Rows that are not repa-fast backends: the loss each one runs, and whether torch.compile wraps it.
+EXTRA_ROWS: Dict[str, Tuple[str, bool]] = {BASELINE: (BASELINE, False), BASELINE_COMPILED: (BASELINE, True),
+                                           COMPILED: ("torch", True)}
+ROWS = (BASELINE, BASELINE_COMPILED, "torch", "triton", "cuda", COMPILED)  # every row a case can have, in table order
 MLP_WIDTH, IREPA_KERNEL, IREPA_ALPHA = 2048, 3, 0.6   # REPA's projector_dim; SimpleTuner's iREPA defaults
-UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # the seed's defaults; DESIGN §5's U-REPA case
+UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # SimpleTuner's defaults; DESIGN §5's U-REPA case
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,7 @@ def _projector_cases(batch: Optional[int]) -> List[Case]:
 
 
 def _cpu_cases() -> List[Case]:
-    """CPU-sized: batch 1, every model against the seed's default encoder (DINOv2-G at 518px)
+    """CPU-sized: batch 1, every model against SimpleTuner's default encoder (DINOv2-G at 518px)
     and its low-memory suggestion (DINOv2-S at 224px)."""
     return _model_cases(batch=1, encoders=("dinov2-s-224", "dinov2-g-518")) + [
         c for c in _projector_cases(batch=1) if not c.name.startswith("repa.flux")]   # Flux's conv: ~1 TFLOP
@@ -207,15 +218,15 @@ def select_cases(spec: str) -> List[Case]:
 
 
 def bench_backends(device: torch.device, requested: Optional[Sequence[str]] = None) -> List[str]:
-    """The backends to measure: every backend that runs on `device` plus torch.compile of the
-    torch backend. On CPU the triton backend runs only under the Triton interpreter, whose
-    timings mean nothing: it is measured there only when asked for by name."""
-    runnable = available_backends(device) + [COMPILED]
+    """The rows to measure per case: every backend that runs on `device`, torch.compile of the
+    torch backend and the SimpleTuner baselines. On CPU the triton backend runs only under the
+    Triton interpreter, whose timings mean nothing: it is measured there only when asked for by name."""
+    runnable = [b for b in ROWS if b in EXTRA_ROWS or b in available_backends(device)]
     if requested is None:
         return [b for b in runnable if not (device.type == "cpu" and b == "triton")]
-    unknown = [b for b in requested if b not in ("torch", "triton", "cuda", COMPILED)]
+    unknown = [b for b in requested if b not in ROWS]
     if unknown:
-        raise ValueError(f"--backends: unknown {', '.join(unknown)}; choose from torch, triton, cuda, {COMPILED}")
+        raise ValueError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     return list(requested)
 
 
@@ -241,8 +252,47 @@ def _inputs(case: Case, device: torch.device, dtype: torch.dtype) -> Tuple[Tuple
     return (hidden, target, *params), [hidden, *params]
 
 
+# ---------------------------------------------------------------------------- the SimpleTuner baseline
+# SimpleTuner's REPA / U-REPA math as its regularizers run it (DESIGN.md §5's "trainer's eager"):
+# an fp32 LayerNorm + Linear projector on the hidden states cast to fp32, project and then
+# resample both sides to the smaller token count, normalize, and the manifold loss through the two
+# B x N x N similarity matrices; plain autograd. Its encoder runs in fp32, so the target is fp32.
+
+def simpletuner_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias):
+    """(z, t): normalized projected tokens and encoder tokens, aligned, in fp32."""
+    if hidden.dim() == 4:  # a UNet mid block (B, C, H, W) read as (B, H*W, C) tokens
+        hidden = hidden.flatten(2).transpose(1, 2)
+    z = F.linear(F.layer_norm(hidden.float(), (hidden.shape[-1],), ln_weight, ln_bias, 1e-5), proj_weight, proj_bias)
+    plan = plan_alignment(z.shape[1], target.shape[1])
+    return (F.normalize(resample_tokens(z, plan.a), dim=-1),
+            F.normalize(resample_tokens(target.float(), plan.b), dim=-1))
+
+
+def simpletuner_cosine(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return -(z * t).sum(-1).mean(-1).mean()
+
+
+def simpletuner_manifold(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (torch.bmm(z, z.transpose(1, 2)) - torch.bmm(t, t.transpose(1, 2))).square().mean()
+
+
+def simpletuner_loss(op: str, *args: torch.Tensor) -> torch.Tensor:
+    """The baseline's version of what `_loss_fn(op, backend)` computes."""
+    if op == "manifold":
+        projected, target = args
+        return simpletuner_manifold(F.normalize(projected.float(), dim=-1), F.normalize(target.float(), dim=-1))
+    if op not in ("repa", "urepa"):
+        raise ValueError(f"no {BASELINE} baseline for op {op!r}: add it here beside the case")
+    z, t = simpletuner_projection(*args)
+    if op == "repa":
+        return simpletuner_cosine(z, t)
+    return UREPA_LAMBDA * (simpletuner_cosine(z, t) + UREPA_MANIFOLD_WEIGHT * simpletuner_manifold(z, t))
+
+
 def _loss_fn(op: str, backend: str) -> Callable[..., torch.Tensor]:
-    """The scalar a trainer backpropagates, through the public API."""
+    """The scalar a trainer backpropagates: through the public API, or the SimpleTuner baseline."""
+    if backend == BASELINE:
+        return lambda *args: simpletuner_loss(op, *args)
     if op == "repa":
         return lambda *args: rf.repa_loss(*args, backend=backend)
     if op == "urepa":
@@ -262,7 +312,8 @@ def synchronize(device: torch.device) -> None:
 @dataclass
 class Workload:
     """`run()`: one forward + backward, gradients written fresh (as after zero_grad(set_to_none=True)).
-    `clear()` drops the gradients, so a memory probe can start from the inputs alone."""
+    `clear()` drops the gradients, so a memory probe can start from the inputs alone.
+    `compile_s`: seconds of the compiling warm-up step of a torch.compile row (None otherwise)."""
 
     run: Callable[[], None]
     clear: Callable[[], None]
@@ -273,13 +324,26 @@ class Workload:
         self.run()
 
 
+def compile_count() -> int:
+    """Graphs torch.compile has compiled in this process: Dynamo's captured graphs plus Inductor's
+    compiles (forward and the lazily compiled backward, cache hits included). A change across
+    timed steps means they timed a recompile, not the compiled step."""
+    from torch._dynamo.utils import counters
+
+    inductor = sum(n for key, n in counters["inductor"].items() if key.startswith("fxgraph_cache_"))
+    return counters["stats"]["unique_graphs"] + inductor
+
+
 def _projector_inputs_and_loss(case: Case, backend: str, device: torch.device, dtype: torch.dtype):
     """(args, leaves, loss_fn) of a case with another head: the hidden states and the targets,
     the leaves hidden and the projectors' fp32 parameters; the loss the mean over encoders
-    (U-REPA: lambda * (alignment + manifold_weight * manifold))."""
+    (U-REPA: lambda * (alignment + manifold_weight * manifold)). The SimpleTuner baseline of these
+    heads is the torch backend: plain PyTorch, SimpleTuner's math (iREPA checked against its
+    crepa.py in tests/test_projectors.py)."""
     from ..modules import RepaProjector
     from ..projectors import projector_losses
 
+    backend = "torch" if backend == BASELINE else backend
     kind, alpha = ("conv", IREPA_ALPHA) if case.projector == "irepa" else ("mlp", None)
     projectors = [RepaProjector(case.dim, case.target_dim, kind, mlp_width=MLP_WIDTH, kernel_size=IREPA_KERNEL,
                                 device=device) for _ in range(case.encoders)]
@@ -300,15 +364,16 @@ def _projector_inputs_and_loss(case: Case, backend: str, device: torch.device, d
 
 
 def make_workload(case: Case, backend: str, device: torch.device, dtype: torch.dtype) -> Workload:
-    """Inputs on `device`, and the fwd+bwd of `case.op` on `backend`; torch.compile is compiled
-    here, by one warm-up step whose seconds are kept as `compile_s`."""
+    """Inputs on `device`, and the fwd+bwd of `case.op` on `backend` (a repa-fast backend or one
+    of EXTRA_ROWS); a torch.compile row is compiled here, by one warm-up step whose seconds are
+    kept as `compile_s`."""
+    loss_backend, compiled = EXTRA_ROWS.get(backend, (backend, False))
     if case.projector != "layernorm_linear":
-        args, leaves, loss_fn = _projector_inputs_and_loss(case, "torch" if backend == COMPILED else backend, device,
-                                                           dtype)
+        args, leaves, loss_fn = _projector_inputs_and_loss(case, loss_backend, device, dtype)
     else:
         args, leaves = _inputs(case, device, dtype)
-        loss_fn = _loss_fn(case.op, "torch" if backend == COMPILED else backend)
-    if backend == COMPILED:
+        loss_fn = _loss_fn(case.op, loss_backend)
+    if compiled:
         torch._dynamo.reset()  # fresh compile per case: never hit the recompile limit and fall back to eager
         loss_fn = torch.compile(loss_fn, dynamic=False)
 
@@ -320,7 +385,7 @@ def make_workload(case: Case, backend: str, device: torch.device, dtype: torch.d
             t.grad = None
 
     workload = Workload(run, clear)
-    if backend == COMPILED:
+    if compiled:
         start = time.perf_counter()
         workload.step()
         synchronize(device)

@@ -1,11 +1,14 @@
 """train a tiny diffusers UNet with U-REPA and a tiny DiT with REPA on generated shapes
 
 Both models learn to denoise 32x32 images of random circles and squares (DDPM noise
-prediction), each with its regularizer built from the seed's config keys, aligned to a frozen
+prediction), each with its regularizer built from SimpleTuner's config keys, aligned to a frozen
 DINOv2: a tiny random one by default, real weights with `--encoder PATH` (a local directory, or
 a name such as dinov2_vits14, downloaded by transformers). Prints a progress bar with the
-per-step alignment / manifold / weight and a summary. diffusers, transformers and tqdm are
-imported inside functions: `repa_fast.cli` imports this module for its arguments.
+per-step alignment / manifold / weight and a summary. With `--feature-cache DIR` both train on
+the latents of a tiny VAE, in order over the data set, the encoder's tokens read through a
+feature cache: the first epoch decodes and encodes, later epochs read the cache. diffusers,
+transformers and tqdm are imported inside functions: `repa_fast.cli` imports this module for its
+arguments.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ IMAGE_SIZE = 32
 DATASET_SIZE = 256
 TINY_ENCODER_IMAGE_SIZE = 112  # an 8 x 8 patch grid
 PRETRAINED_ENCODER_IMAGE_SIZE = 224
-DIT_BLOCK_INDEX = 2  # of 4: the tiny DiT has fewer blocks than the seed's recommended 8 / 10
+DIT_BLOCK_INDEX = 2  # of 4: the tiny DiT has fewer blocks than SimpleTuner's recommended 8 / 10
 DEMO_PROJECTORS = ("layernorm_linear", "mlp", "conv", "irepa")
 DEMO_MLP_WIDTH = 256  # REPA's 2048 is sized for SiT-XL; the tiny models are 64 wide
 
@@ -48,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", default=None, help="loss backend (default: auto, the best one present)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feature-cache", default=None, metavar="DIR",
+                        help="train on latents of a tiny VAE, in order over --dataset-size images, with the "
+                             "encoder's tokens read through a feature cache in DIR: from the second epoch on "
+                             "the decoder and the encoder are not run")
+    parser.add_argument("--dataset-size", type=int, default=DATASET_SIZE,
+                        help=f"images in the data set (default {DATASET_SIZE})")
     parser.add_argument("--projector", default="layernorm_linear", choices=DEMO_PROJECTORS,
                         help="the projector head of both regularizers: layernorm_linear (SimpleTuner's, default), "
                              "mlp (REPA's, width 256 here), conv (iREPA's conv alone) or irepa (conv + the "
@@ -95,6 +104,15 @@ def tiny_dit() -> nn.Module:
                                     caption_channels=16, norm_num_groups=8)
 
 
+def tiny_vae() -> nn.Module:
+    """An AutoencoderKL without downsampling: 3 x 32 x 32 latents for 32 x 32 images, so the
+    same tiny models train on latents."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(16,), latent_channels=3,
+                         layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE, scaling_factor=1.0).eval()
+
+
 def dit_forward(dit: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The unconditional DiT: one constant caption token."""
     caption = noisy.new_zeros(noisy.shape[0], 1, dit.config.caption_channels)
@@ -129,9 +147,10 @@ class _Progress:
             self.bar.close()
 
 
-def _train(title: str, model: nn.Module, regularizer, forward: Callable, images: torch.Tensor, args,
+def _train(title: str, model: nn.Module, regularizer, forward: Callable, batches: Callable, args,
            device: torch.device) -> List[Dict[str, float]]:
-    """DDPM noise prediction plus the regularizer; one dict of plain floats per step."""
+    """DDPM noise prediction plus the regularizer; `batches(step)` -> (clean sample, the
+    regularizer's inputs). One dict of plain floats per step."""
     from diffusers import DDPMScheduler
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     model.to(device).train()
@@ -140,14 +159,14 @@ def _train(title: str, model: nn.Module, regularizer, forward: Callable, images:
     history = []
     progress = _Progress(args.steps, title)
     for step in range(args.steps):
-        batch = images[torch.randint(len(images), (args.batch_size,))].to(device)
-        noise = torch.randn_like(batch)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), device=device)
-        noisy = scheduler.add_noise(batch * 2 - 1, noise, timesteps)
+        clean, reg_inputs = batches(step)
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), device=device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
         with regularizer.capture() as cap:
             prediction = forward(model, noisy, timesteps)
         diffusion = F.mse_loss(prediction, noise)
-        reg_loss, logs = regularizer(cap, pixels=batch, step=step)
+        reg_loss, logs = regularizer(cap, step=step, **reg_inputs)
         loss = diffusion if reg_loss is None else diffusion + reg_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,8 +187,8 @@ def _trend(history: List[Dict[str, float]], key: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from .. import BackendUnavailableError, RepaRegularizer, URepaRegularizer, VisionEncoder
 
-    if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit("--steps and --batch-size must be >= 1")
+    if args.steps < 1 or args.batch_size < 1 or args.dataset_size < args.batch_size:
+        raise SystemExit("--steps and --batch-size must be >= 1, --dataset-size >= --batch-size")
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -178,7 +197,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"repa-fast demo: {err}")
         return 2
     torch.manual_seed(args.seed)
-    images = shape_images(DATASET_SIZE)
+    images = shape_images(args.dataset_size)
+    vae = latents = None
+    if args.feature_cache:  # a trainer that caches latents: the regularizer decodes them
+        vae = tiny_vae().to(device)
+        with torch.no_grad():
+            latents = vae.encode(images.to(device) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+
+    def batches(step: int):
+        """(clean sample, regularizer inputs): random pixels, or latents in order with their keys."""
+        if latents is None:
+            batch = images[torch.randint(len(images), (args.batch_size,))].to(device)
+            return batch * 2 - 1, {"pixels": batch}
+        index = [(step * args.batch_size + j) % len(images) for j in range(args.batch_size)]
+        return latents[index], {"latents": latents[index], "keys": [f"shape/{i}" for i in index]}
     if args.encoder:
         image_size = args.encoder_image_size or PRETRAINED_ENCODER_IMAGE_SIZE
         encoder = VisionEncoder.from_pretrained(args.encoder, image_size)
@@ -196,12 +228,14 @@ def run(args: argparse.Namespace) -> int:
     urepa = URepaRegularizer.from_config(
         {"urepa_enabled": True, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0, "urepa_warmup_steps": 2,
          **projector_keys("urepa_", args.projector)},
-        unet, encoder=encoder, backend=args.backend, max_train_steps=args.steps)
+        unet, encoder=encoder, vae=vae, backend=args.backend, max_train_steps=args.steps,
+        feature_cache=args.feature_cache)
     dit = tiny_dit()
     repa = RepaRegularizer.from_config(
         {"crepa_enabled": True, "crepa_block_index": DIT_BLOCK_INDEX, "crepa_lambda": 0.5,
          "crepa_scheduler": "cosine", "crepa_lambda_end": 0.1, **projector_keys("crepa_", args.projector)},
-        dit, encoder=encoder, backend=args.backend, max_train_steps=args.steps)
+        dit, encoder=encoder, vae=vae, backend=args.backend, max_train_steps=args.steps,
+        feature_cache=args.feature_cache)
 
     runs = []
     threads = torch.get_num_threads()
@@ -213,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
                 ("UNet2DModel + U-REPA", unet, urepa, lambda m, x, t: m(x, t).sample),
                 ("PixArt DiT + REPA", dit, repa, dit_forward)):
             run_start = time.perf_counter()
-            history = _train(title, model, regularizer, forward, images, args, device)
+            history = _train(title, model, regularizer, forward, batches, args, device)
             runs.append((title, history, time.perf_counter() - run_start))
     finally:
         torch.set_num_threads(threads)
@@ -223,6 +257,12 @@ def run(args: argparse.Namespace) -> int:
         keys = ["diffusion", "alignment"] + (["manifold"] if "manifold" in history[0] else [])
         trends = ", ".join(_trend(history, key) for key in keys)
         print(f"  {title:22s} {trends}, weight {history[-1]['weight']:.3f}, {seconds:.1f} s")
+    if args.feature_cache:
+        # One folder serves both: the same encoder and VAE, so the same tokens per image.
+        for title, regularizer in (("U-REPA", urepa), ("REPA", repa)):
+            stats = regularizer.feature_cache.stats
+            print(f"  feature cache {args.feature_cache} ({title}): {stats['hits']} hits, {stats['misses']} misses "
+                  f"(encoded), {stats['writes']} written")
     ok = all(math.isfinite(value) for _, history, _ in runs for h in history for value in h.values())
     if not ok:
         print("non-finite values appeared")

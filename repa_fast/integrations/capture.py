@@ -17,12 +17,16 @@ double-stream blocks of Chroma and Flux.2 return `(encoder_hidden_states, hidden
 PixArt and Sana blocks return the image tokens alone; the single-stream blocks of Chroma and
 Flux.2 (and of diffusers < 0.33's Flux) return one `[text; image]` sequence, from which the
 text prefix is cut. Hooks are removed when the `with` block exits.
+
+One capture holds one forward pass: a second forward of the model inside the same `with`
+block (say a no-grad pass after the real one) raises RuntimeError instead of silently
+replacing the features; run it outside the block. Passing the context manager itself where
+its captured features belong (`reg(reg.capture())`, a forgotten `with`) is a TypeError.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -75,6 +79,7 @@ class FeatureCapture:
         # Set by the model's pre-hook: the block records once per model forward, so gradient
         # checkpointing re-running the block during backward does not replace the output.
         self._armed = False
+        self._forwards = 0  # model forwards seen inside the `with` block
 
     @property
     def output(self) -> torch.Tensor:
@@ -101,6 +106,19 @@ class FeatureCapture:
         self._armed = False
 
 
+class NoCapture(FeatureCapture):
+    """What the capture of a disabled regularizer gives: nothing is hooked or recorded, and
+    `output` and `grid` are None (the regularizer then returns `(None, {})`)."""
+
+    @property
+    def output(self) -> None:
+        return None
+
+    @property
+    def grid(self) -> None:
+        return None
+
+
 def _grid_from_ids(img_ids: torch.Tensor) -> Optional[Grid]:
     """Flux-style packed latents carry (., row, col) position ids: the grid when they are a
     row-major h x w raster."""
@@ -115,23 +133,57 @@ def _grid_from_ids(img_ids: torch.Tensor) -> Optional[Grid]:
     return (h, w) if h * w == ids.shape[0] and torch.equal(rows * w + cols, raster) else None
 
 
-@contextlib.contextmanager
-def _hooks(model: nn.Module, block: nn.Module, block_hook, capture: FeatureCapture) -> Iterator[FeatureCapture]:
-    def arm(module, args, kwargs):
+class CaptureContext:
+    """The context manager the capture functions return: `with ... as cap:` installs the hooks
+    and gives the FeatureCapture `cap`; leaving the block removes them (the features stay)."""
+
+    def __init__(self, capture: FeatureCapture, model: Optional[nn.Module] = None,
+                 block: Optional[nn.Module] = None, block_hook=None):
+        self._capture = capture
+        self._model, self._block, self._block_hook = model, block, block_hook
+        self._handles: list = []
+
+    def __enter__(self) -> FeatureCapture:
+        capture = self._capture
+        capture._forwards = 0
+        if self._model is not None:
+            self._handles = [self._model.register_forward_pre_hook(self._arm, with_kwargs=True),
+                             self._block.register_forward_hook(self._block_hook, with_kwargs=True)]
+        return capture
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _arm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        capture = self._capture
+        capture._forwards += 1
+        if capture._forwards > 1:
+            raise RuntimeError(
+                f"{type(module).__name__} ran a second forward inside one `with ...capture()` block: a "
+                f"capture holds the features of one forward, and a second one (e.g. a no-grad pass) would "
+                f"silently replace them. Run other forwards outside the `with` block, or open one capture "
+                f"per forward.")
         capture._armed = True
         capture._output, capture._grid, capture._img_ids = None, None, None
         capture._on_model_call(module, _bind(module, args, kwargs))
 
-    handles = [model.register_forward_pre_hook(arm, with_kwargs=True),
-               block.register_forward_hook(block_hook, with_kwargs=True)]
-    try:
-        yield capture
-    finally:
-        for handle in handles:
-            handle.remove()
+    def _not_entered(self, name: str):
+        raise TypeError(f"this is the context manager that capture() returns, which has no .{name}: write "
+                        f"`with reg.capture() as cap:` around the model's forward, then use `cap` (or "
+                        f"cap.{name})")
+
+    @property
+    def output(self):
+        self._not_entered("output")
+
+    @property
+    def grid(self):
+        self._not_entered("grid")
 
 
-def capture_unet_mid_block(unet: nn.Module) -> contextlib.AbstractContextManager[FeatureCapture]:
+def capture_unet_mid_block(unet: nn.Module) -> CaptureContext:
     """Context manager: records the output of `unet.mid_block` (B, C, H, W) on each forward of
     `unet` (a diffusers UNet2DConditionModel / UNet2DModel, possibly DDP- or compile-wrapped)."""
     model = unwrap_model(unet)
@@ -148,7 +200,7 @@ def capture_unet_mid_block(unet: nn.Module) -> contextlib.AbstractContextManager
             raise TypeError(f"{type(module).__name__} returned {type(output).__name__}, expected a (B, C, H, W) tensor")
         capture._record(output)
 
-    return _hooks(model, mid_block, record, capture)
+    return CaptureContext(capture, model, mid_block, record)
 
 
 def transformer_blocks(model: nn.Module) -> List[nn.Module]:
@@ -224,7 +276,7 @@ class _DiTCapture(FeatureCapture):
         return matches[0]
 
 
-def capture_transformer_block(model: nn.Module, index: int) -> contextlib.AbstractContextManager[FeatureCapture]:
+def capture_transformer_block(model: nn.Module, index: int) -> CaptureContext:
     """Context manager: records the image tokens (B, S, D) that block `index` of a diffusers DiT
     outputs (SD3 / SD3.5, Flux, Flux.2, Chroma, PixArt, Sana, or any model with
     `transformer_blocks`; for Flux, Flux.2 and Chroma the index runs over the double-stream then
@@ -239,4 +291,4 @@ def capture_transformer_block(model: nn.Module, index: int) -> contextlib.Abstra
         if capture._armed:
             capture._record(capture.image_tokens(module, _bind(module, args, kwargs), output))
 
-    return _hooks(inner, block, record, capture)
+    return CaptureContext(capture, inner, block, record)

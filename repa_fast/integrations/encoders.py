@@ -24,6 +24,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _HUB_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+_HUB_WIDTHS = {"facebook/dinov2-small": 384, "facebook/dinov2-base": 768, "facebook/dinov2-large": 1024,
+               "facebook/dinov2-giant": 1536}
 
 
 def _encoder_aliases() -> dict:
@@ -48,6 +50,31 @@ def encoder_hub_id(name: str) -> Optional[str]:
     if not isinstance(name, str):
         raise TypeError(f"encoder name must be a string, got {type(name).__name__}")
     return ENCODER_ALIASES.get(name.strip().lower().replace("-", "_"))
+
+
+def encoder_width(name_or_path: str, **from_pretrained_kwargs) -> int:
+    """E, the token width of the encoder `name_or_path` names, without loading its weights: from
+    the DINOv2 names' sizes, else from its config (a local directory's config.json, or the
+    config file alone of a hub id)."""
+    hub_id = encoder_hub_id(os.fspath(name_or_path))
+    if hub_id is not None and not os.path.isdir(name_or_path):
+        return _HUB_WIDTHS[hub_id.replace("-with-registers", "")]
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(os.fspath(name_or_path), **from_pretrained_kwargs).hidden_size
+
+
+def encoder_matches_name(encoder: "VisionEncoder", name_or_path: str) -> bool:
+    """False when `encoder` is visibly not the one `name_or_path` names: for a DINOv2 name, a
+    different width or register count; for a hub id or directory, loaded from elsewhere (when
+    its config records where it was loaded from). True when nothing tells them apart."""
+    name = os.fspath(name_or_path)
+    hub_id = encoder_hub_id(name)
+    if hub_id is not None and not os.path.isdir(name):
+        registers = "-with-registers" in hub_id
+        width = _HUB_WIDTHS[hub_id.replace("-with-registers", "")]
+        return encoder.dim == width and (encoder.num_register_tokens > 0) == registers
+    loaded_from = getattr(encoder.model.config, "_name_or_path", "") or ""
+    return not loaded_from or os.path.normpath(loaded_from) == os.path.normpath(name)
 
 
 def _dinov2_classes() -> tuple:
@@ -93,7 +120,7 @@ class VisionEncoder(nn.Module):
     def from_pretrained(cls, name_or_path: str, image_size: int = 518, *, keep_aspect: bool = False,
                         dtype: Optional[torch.dtype] = None, chunk_size: Optional[int] = None,
                         device: Optional[torch.device | str] = None, **from_pretrained_kwargs) -> "VisionEncoder":
-        """Load a DINOv2 by seed name (`dinov2_vitg14`, `dinov2_vits14_reg`, `dino_v2_g`, ...: see
+        """Load a DINOv2 by name (`dinov2_vitg14`, `dinov2_vits14_reg`, `dino_v2_g`, ...: see
         `encoder_hub_id`), hub id (`facebook/dinov2-base`) or local directory (`save_pretrained`
         output). Extra keyword arguments go to transformers' `from_pretrained` (`revision`,
         `cache_dir`, `local_files_only`, ...)."""

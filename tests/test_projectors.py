@@ -423,3 +423,17 @@ def test_demo_trains_with_each_projector(projector, capsys):
     assert cli.main(["demo", "--steps", "2", "--batch-size", "2", "--projector", projector]) == 0
     out = capsys.readouterr().out
     assert f"projector {projector}, backend torch on cpu" in out and "summary:" in out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_token_alignment_reaches_every_head(kind):
+    """Equal counts on different grids: "sequence" (SimpleTuner's rule) leaves them as they are,
+    "grid" resamples to the target's grid."""
+    projector = _projector(kind, 6, 5)
+    hidden, target = torch.randn(2, 24, 6, dtype=F64), torch.randn(2, 24, 5, dtype=F64)
+    z = projector(hidden, (4, 6))
+    for rule, expected_z, expected_t in (("sequence", z, target),
+                                         ("grid", *rf.align_tokens(z, target, a_grid=(4, 6), b_grid=(6, 4)))):
+        loss, = projector_losses(projector, hidden, target, hidden_grid=(4, 6), target_grid=(6, 4),
+                                 token_alignment=rule)
+        assert rel_err(loss, literal_cosine(expected_z, expected_t)) <= 1e-12, rule

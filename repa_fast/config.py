@@ -26,6 +26,8 @@ _KEY = "key"
 _UNSUPPORTED = "unsupported"
 # Keys of this prefix belong to both configs (SimpleTuner's two regularizers both read them).
 _SHARED_PREFIX = "irepa_"
+# The projector kinds (repa_fast.projectors.PROJECTOR_KINDS; not imported: config stays torch-free).
+PROJECTOR_KINDS = ("layernorm_linear", "mlp", "conv")
 
 
 def _field(default: Any, spec: ParamSpec, *, key: str | None = None, unsupported: str | None = None,
@@ -63,9 +65,10 @@ class _AlignmentConfig:
     threshold_mode: str = _schedule_field("permanent", "threshold_mode")
     # repa-fast's own: "grid" or "sequence" (SimpleTuner's rule), see repa_fast.alignment.
     token_alignment: str = _field("grid", ParamSpec(str, choices=TOKEN_ALIGNMENTS))
-    irepa_enabled: bool = _field(False, ParamSpec(bool), key="irepa_enabled",
-                                 unsupported="iREPA (conv projector, spatially normalized targets) is not "
-                                             "implemented in repa-fast yet")
+    # The projector: None picks "conv" with iREPA, else "layernorm_linear" (SimpleTuner's).
+    projector_kind: str | None = _field(None, ParamSpec(str, choices=PROJECTOR_KINDS, optional=True))
+    projector_mlp_width: int = _field(2048, ParamSpec(int, minimum=1))   # REPA's projector_dim
+    irepa_enabled: bool = _field(False, ParamSpec(bool), key="irepa_enabled")
     irepa_spatial_norm_alpha: float = _field(0.6, ParamSpec(float, minimum=0.0), key="irepa_spatial_norm_alpha")
     # SimpleTuner checks it is odd only when it builds the iREPA projector.
     irepa_projector_kernel_size: int = _field(3, ParamSpec(int, minimum=1), key="irepa_projector_kernel_size")
@@ -80,6 +83,25 @@ class _AlignmentConfig:
                     raise ValueError(f"{key}={value!r} is not supported: {why}; leave it at "
                                      f"{' or '.join(map(repr, supported))} (or use SimpleTuner's own regularizer)")
             object.__setattr__(self, field.name, value)  # frozen: store the normalized value
+
+    @property
+    def projector(self) -> str:
+        """The projector kind these settings pick. Checked here, when a projector is built (as
+        SimpleTuner checks the kernel size), not at parsing: the keys may be set while disabled."""
+        if self.irepa_enabled and self.irepa_projector_kernel_size % 2 == 0:
+            raise ValueError(f"irepa_projector_kernel_size must be odd with irepa_enabled, got "
+                             f"{self.irepa_projector_kernel_size}")
+        if self.irepa_enabled and self.projector_kind not in (None, "conv"):
+            raise ValueError(f"irepa_enabled uses iREPA's conv projector, but {self.key('projector_kind')} is "
+                             f"{self.projector_kind!r}: leave it unset (or 'conv'), or turn irepa_enabled off")
+        if self.projector_kind is not None:
+            return self.projector_kind
+        return "conv" if self.irepa_enabled else "layernorm_linear"
+
+    @property
+    def target_zscore_alpha(self) -> float | None:
+        """iREPA's spatial z-score of the target (irepa_spatial_norm_alpha), None without iREPA."""
+        return self.irepa_spatial_norm_alpha if self.irepa_enabled else None
 
     @classmethod
     def key(cls, field_name: str) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .alignment import Grid, check_token_alignment, plan_alignment, resample_tokens
 from .backends import resolve_backend
+from .reference import compute_dtype, linear_then_resample
 from .validation import (TOKEN_LAYOUTS, as_tokens, check_batch, check_eps, check_finite_if_asked, check_flag,
                          check_param_dtypes, check_projector, check_same_device, check_tensor)
 
@@ -49,6 +51,39 @@ def _prepare_pair(projected, target) -> Tuple[torch.Tensor, torch.Tensor]:
     return projected, target.detach()
 
 
+def _several_encoders_repa_loss(hidden, targets, ln_weights, ln_biases, proj_weights, proj_biases, hidden_grid,
+                                target_grids, spatial_align, ln_eps, backend, token_alignment) -> torch.Tensor:
+    """The mean over encoders of repa_loss, reading hidden once: one LayerNorm (each encoder's
+    affine folds into its Linear, LN_k(h) W_k^T + b_k = xhat (W_k diag g_k)^T + (W_k beta_k + b_k))
+    and one GEMM over the stacked folded weights per hidden-side alignment, the cosine reduced
+    per encoder's segment of the output columns."""
+    count = len(targets)
+    lists = dict(ln_weight=ln_weights, ln_bias=ln_biases, proj_weight=proj_weights, proj_bias=proj_biases,
+                 target_grid=[None] * count if target_grids is None else target_grids)
+    for name, values in lists.items():
+        if not isinstance(values, (list, tuple)) or len(values) != count:
+            raise ValueError(f"with a list of {count} targets, {name} must be a list of {count} (one per encoder), "
+                             f"got {type(values).__name__}" + (f" of {len(values)}" if isinstance(values, (list, tuple))
+                                                               else ""))
+    prepared = [_prepare_projection(hidden, *encoder, hidden_grid, grid, spatial_align, ln_eps, token_alignment)
+                for *encoder, grid in zip(targets, *lists.values())]
+    module = resolve_backend(backend, hidden.device)
+    if count == 1:
+        return module.repa_loss(*prepared[0])
+    h = prepared[0][0]
+    dtype = compute_dtype(h, *(args[4] for args in prepared))
+    xhat = F.layer_norm(h.to(dtype), (h.shape[-1],), eps=prepared[0][7])
+    losses = []
+    for step in dict.fromkeys(args[6].a for args in prepared):   # distinct hidden-side plans, in order
+        group = [args for args in prepared if args[6].a == step]
+        weights = [args[4].to(dtype) * args[2].to(dtype) for args in group]
+        biases = [args[4].to(dtype) @ args[3].to(dtype) + args[5].to(dtype) for args in group]
+        z = linear_then_resample(xhat, torch.cat(weights), torch.cat(biases), step)
+        for segment, args in zip(z.split([w.shape[0] for w in weights], dim=-1), group):
+            losses.append(module.cosine_alignment_loss(segment, resample_tokens(args[1], args[6].b)))
+    return torch.stack(losses).mean()
+
+
 def repa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
               proj_weight: torch.Tensor, proj_bias: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
               target_grid: Optional[Grid] = None, spatial_align: bool = True, ln_eps: float = 1e-5,
@@ -58,7 +93,13 @@ def repa_loss(hidden: torch.Tensor, target: torch.Tensor, ln_weight: torch.Tenso
     hidden: (B, S, D) tokens or a (B, D, H, W) feature map; target: (B, N, E) encoder tokens;
     ln_weight, ln_bias: (D,); proj_weight: (E, D); proj_bias: (E,). Returns a scalar in [-1, 1].
     `token_alignment`: "grid" (each side bilinear on its own grid) or "sequence" (SimpleTuner's rule).
+
+    Several encoders: `target` a list of (B, N_k, E_k), each of the four parameters and
+    `target_grid` (or None) a list of the same length; returns the mean over encoders.
     """
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, torch.Tensor) for t in target):
+        return _several_encoders_repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid,
+                                           target_grid, spatial_align, ln_eps, backend, token_alignment)
     args = _prepare_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, hidden_grid, target_grid,
                                spatial_align, ln_eps, token_alignment)
     return resolve_backend(backend, hidden.device).repa_loss(*args)

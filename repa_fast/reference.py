@@ -8,12 +8,12 @@ same pass.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .alignment import AlignmentPlan, resample_tokens
+from .alignment import AlignmentPlan, Resample, resample_tokens
 
 # Direct-form chunks hold B x rows x N fp32 values; 2**24 of them is 64 MiB.
 _CHUNK_ELEMENTS = 2 ** 24
@@ -30,20 +30,32 @@ def use_gram_form(tokens: int, dim: int) -> bool:
 
 def aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan: AlignmentPlan,
                        ln_eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """z = align(P(hidden)), t = align(target) in the compute dtype.
-
-    Resampling is linear with weights summing to one, so when it shrinks the hidden side it is
-    applied to the LayerNorm output before the GEMM (fewer rows to project); otherwise after.
-    """
-    dtype = compute_dtype(hidden, target, ln_weight, proj_weight)
-    x = F.layer_norm(hidden.to(dtype), (hidden.shape[-1],), ln_weight.to(dtype), ln_bias.to(dtype), ln_eps)
-    shrink_first = plan.a is not None and plan.a.dst_tokens < plan.a.src_tokens
-    if shrink_first:
-        x = resample_tokens(x, plan.a)
-    z = F.linear(x, proj_weight.to(dtype), proj_bias.to(dtype))
-    if not shrink_first:
-        z = resample_tokens(z, plan.a)
+    """z = align(P(hidden)), t = align(target) in the compute dtype. `ln_weight` None: no
+    LayerNorm, P is the Linear alone (the last layer of an MLP head)."""
+    dtype = compute_dtype(hidden, target, proj_weight)
+    x = hidden.to(dtype)
+    if ln_weight is not None:
+        x = F.layer_norm(x, (hidden.shape[-1],), ln_weight.to(dtype), ln_bias.to(dtype), ln_eps)
+    z = linear_then_resample(x, proj_weight.to(dtype), proj_bias.to(dtype), plan.a)
     return z, resample_tokens(target.to(dtype), plan.b)
+
+
+def linear_then_resample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         step: Optional[Resample]) -> torch.Tensor:
+    """resample(x @ W^T + b, step), resampling x first when that shrinks the tokens (fewer rows
+    to project; exact, the resampling weights sum to one)."""
+    if step is not None and step.dst_tokens < step.src_tokens:
+        return F.linear(resample_tokens(x, step), weight, bias)
+    return resample_tokens(F.linear(x, weight, bias), step)
+
+
+def spatial_zscore(tokens: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's target normalisation, per sample and channel over the N tokens of (B, N, E):
+    `(y - alpha * mean_n(y)) / (std_n(y) + eps)`, unbiased std (0 when N == 1). Computed and
+    returned in the compute dtype (float32 for half-precision targets)."""
+    y = tokens.to(compute_dtype(tokens))
+    std = y.std(dim=1, keepdim=True, correction=1 if y.shape[1] > 1 else 0)
+    return (y - alpha * y.mean(dim=1, keepdim=True)) / (std + eps)
 
 
 def _cosine_of_normalized(zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:

@@ -335,7 +335,7 @@ def test_every_key_simpletuner_reads_is_accepted():
 
 @pytest.mark.parametrize("key, value", [("crepa_self_flow", True), ("crepa_use_backbone_features", True),
                                         ("crepa_feature_source", "backbone"), ("crepa_feature_source", "self_flow"),
-                                        ("crepa_teacher_block_index", 4), ("irepa_enabled", True)])
+                                        ("crepa_teacher_block_index", 4)])
 def test_keys_that_change_the_loss_in_ways_not_implemented_are_an_error(key, value):
     config_class = rf.RepaConfig if key.startswith("crepa_") else rf.URepaConfig
     with pytest.raises(ValueError, match=f"{key}={value!r} is not supported"):

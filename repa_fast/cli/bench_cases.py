@@ -35,6 +35,7 @@ BASELINE_COMPILED = "simpletuner.compile"
 EXTRA_ROWS: Dict[str, Tuple[str, bool]] = {BASELINE: (BASELINE, False), BASELINE_COMPILED: (BASELINE, True),
                                            COMPILED: ("torch", True)}
 ROWS = (BASELINE, BASELINE_COMPILED, "torch", "triton", "cuda", COMPILED)  # every row a case can have, in table order
+MLP_WIDTH, IREPA_KERNEL, IREPA_ALPHA = 2048, 3, 0.6   # REPA's projector_dim; SimpleTuner's iREPA defaults
 UREPA_LAMBDA, UREPA_MANIFOLD_WEIGHT = 0.5, 3.0  # SimpleTuner's defaults; DESIGN §5's U-REPA case
 
 
@@ -53,6 +54,10 @@ class Case:
     target_dim: int
     feature_map: bool = False
     about: str = ""
+    # The head: SimpleTuner's LayerNorm + Linear, "mlp" (REPA's, 3 layers of width 2048) or
+    # "irepa" (a 3x3 conv and the target's spatial z-score); `encoders` targets of the same shape.
+    projector: str = "layernorm_linear"
+    encoders: int = 1
 
     @property
     def shape(self) -> str:
@@ -60,7 +65,9 @@ class Case:
             return f"B{self.batch} N{self.tokens} E{self.dim}"
         side = math.isqrt(self.tokens)
         hidden = f"{self.dim}x{side}x{side}" if self.feature_map else f"S{self.tokens} D{self.dim}"
-        return f"B{self.batch} {hidden} -> N{self.target_tokens} E{self.target_dim}"
+        head = "" if self.projector == "layernorm_linear" else f" {self.projector}"
+        encoders = f" x{self.encoders}" if self.encoders > 1 else ""
+        return f"B{self.batch} {hidden} ->{head} N{self.target_tokens} E{self.target_dim}{encoders}"
 
     def gemm_flops(self) -> int:
         """Flops of the unavoidable GEMMs of forward + backward (DESIGN.md §5's floor).
@@ -74,6 +81,13 @@ class Case:
         side = math.isqrt(self.tokens)
         plan = plan_alignment(self.tokens, self.target_tokens, (side, side) if self.feature_map else None, None)
         flops = 6 * self.batch * min(self.tokens, plan.tokens) * self.dim * self.target_dim
+        if self.projector == "mlp":   # D -> W -> W on every token, W -> E on the aligned rows
+            width = MLP_WIDTH
+            flops = 6 * self.batch * (self.tokens * (self.dim + width) * width
+                                      + min(self.tokens, plan.tokens) * width * self.target_dim)
+        elif self.projector == "irepa":   # the conv runs on every token of the grid
+            flops = 6 * self.batch * self.tokens * self.dim * self.target_dim * IREPA_KERNEL ** 2
+        flops *= self.encoders
         if self.op == "urepa":
             flops += self.batch * _manifold_flops(plan.tokens, self.target_dim)
         return flops
@@ -132,10 +146,30 @@ def _design_cases() -> List[Case]:
     ]
 
 
+def _projector_cases(batch: Optional[int]) -> List[Case]:
+    """The other heads (issue 14): SiT-XL/2 with REPA's MLP against two DINOv2-B 224 encoders,
+    Flux with iREPA against DINOv2-G 518, SD1.5's mid block with iREPA (U-REPA) against DINOv2-S 224;
+    `batch=None` takes each model's GPU batch."""
+    models = {model: (op, tokens, dim, fmap, model_batch) for model, op, tokens, dim, fmap, model_batch in MODELS}
+    encoders = {name: (tokens, width) for name, tokens, width in ENCODERS}
+    cases = []
+    for model, encoder, projector, count in (("sit-xl-256", "dinov2-b-224", "mlp", 2),
+                                              ("flux-1024", "dinov2-g-518", "irepa", 1),
+                                              ("sd15-512", "dinov2-s-224", "irepa", 1)):
+        op, tokens, dim, fmap, model_batch = models[model]
+        b = model_batch if batch is None else batch
+        times = f"x{count}" if count > 1 else ""
+        name = f"{op}.{model}.{projector}.{encoder}{times}.b{b}"
+        cases.append(Case(name, op, b, tokens, dim, *encoders[encoder], fmap, f"{model} x {encoder}{times}, "
+                          f"{projector} head", projector, count))
+    return cases
+
+
 def _cpu_cases() -> List[Case]:
     """CPU-sized: batch 1, every model against SimpleTuner's default encoder (DINOv2-G at 518px)
     and its low-memory suggestion (DINOv2-S at 224px)."""
-    return _model_cases(batch=1, encoders=("dinov2-s-224", "dinov2-g-518"))
+    return _model_cases(batch=1, encoders=("dinov2-s-224", "dinov2-g-518")) + [
+        c for c in _projector_cases(batch=1) if not c.name.startswith("repa.flux")]   # Flux's conv: ~1 TFLOP
 
 
 def _quick_cases() -> List[Case]:
@@ -143,8 +177,8 @@ def _quick_cases() -> List[Case]:
     with the hidden side resampled first, the manifold loss in its direct and its Gram form."""
     wanted = ("urepa.sd15-512.dinov2-s-224.b1", "repa.sit-xl-256.dinov2-b-224.b1", "repa.sd3-512.dinov2-s-224.b1",
               "manifold.n64-e384.b1", "manifold.n1024-e384.b1")
-    by_name = {c.name: c for c in _model_cases(batch=1)}
-    return [by_name[name] for name in wanted]
+    by_name = {c.name: c for c in _model_cases(batch=1)} | {c.name: c for c in _projector_cases(batch=1)}
+    return [by_name[name] for name in wanted + ("urepa.sd15-512.irepa.dinov2-s-224.b1",)]
 
 
 PRESETS: Dict[str, Callable[[], List[Case]]] = {
@@ -152,7 +186,8 @@ PRESETS: Dict[str, Callable[[], List[Case]]] = {
     "cpu": _cpu_cases,
     "design": _design_cases,
     "models": lambda: _model_cases(batch=None),
-    "gpu": lambda: _design_cases() + _model_cases(batch=None),
+    "projectors": lambda: _projector_cases(batch=None),
+    "gpu": lambda: _design_cases() + _model_cases(batch=None) + _projector_cases(batch=None),
 }
 
 
@@ -299,13 +334,45 @@ def compile_count() -> int:
     return counters["stats"]["unique_graphs"] + inductor
 
 
+def _projector_inputs_and_loss(case: Case, backend: str, device: torch.device, dtype: torch.dtype):
+    """(args, leaves, loss_fn) of a case with another head: the hidden states and the targets,
+    the leaves hidden and the projectors' fp32 parameters; the loss the mean over encoders
+    (U-REPA: lambda * (alignment + manifold_weight * manifold)). The SimpleTuner baseline of these
+    heads is the torch backend: plain PyTorch, SimpleTuner's math (iREPA checked against its
+    crepa.py in tests/test_projectors.py)."""
+    from ..modules import RepaProjector
+    from ..projectors import projector_losses
+
+    backend = "torch" if backend == BASELINE else backend
+    kind, alpha = ("conv", IREPA_ALPHA) if case.projector == "irepa" else ("mlp", None)
+    projectors = [RepaProjector(case.dim, case.target_dim, kind, mlp_width=MLP_WIDTH, kernel_size=IREPA_KERNEL,
+                                device=device) for _ in range(case.encoders)]
+    side = math.isqrt(case.tokens)
+    shape = (case.batch, case.dim, side, side) if case.feature_map else (case.batch, case.tokens, case.dim)
+    hidden = torch.randn(*shape, device=device, dtype=torch.float32).to(dtype).requires_grad_()
+    targets = [torch.randn(case.batch, case.target_tokens, case.target_dim, device=device, dtype=dtype)
+               for _ in projectors]
+    urepa = case.op == "urepa"
+
+    def loss_fn(hidden, *targets):
+        terms = [projector_losses(p, hidden, t, target_zscore_alpha=alpha, manifold=urepa, backend=backend)
+                 for p, t in zip(projectors, targets)]
+        total = [UREPA_LAMBDA * (align + UREPA_MANIFOLD_WEIGHT * manifold) for align, manifold in terms] if urepa \
+            else [align for align, in terms]
+        return sum(total) / len(total)
+    return (hidden, *targets), [hidden, *(p for projector in projectors for p in projector.parameters())], loss_fn
+
+
 def make_workload(case: Case, backend: str, device: torch.device, dtype: torch.dtype) -> Workload:
     """Inputs on `device`, and the fwd+bwd of `case.op` on `backend` (a repa-fast backend or one
     of EXTRA_ROWS); a torch.compile row is compiled here, by one warm-up step whose seconds are
     kept as `compile_s`."""
-    args, leaves = _inputs(case, device, dtype)
     loss_backend, compiled = EXTRA_ROWS.get(backend, (backend, False))
-    loss_fn = _loss_fn(case.op, loss_backend)
+    if case.projector != "layernorm_linear":
+        args, leaves, loss_fn = _projector_inputs_and_loss(case, loss_backend, device, dtype)
+    else:
+        args, leaves = _inputs(case, device, dtype)
+        loss_fn = _loss_fn(case.op, loss_backend)
     if compiled:
         torch._dynamo.reset()  # fresh compile per case: never hit the recompile limit and fall back to eager
         loss_fn = torch.compile(loss_fn, dynamic=False)

@@ -28,6 +28,15 @@ DATASET_SIZE = 256
 TINY_ENCODER_IMAGE_SIZE = 112  # an 8 x 8 patch grid
 PRETRAINED_ENCODER_IMAGE_SIZE = 224
 DIT_BLOCK_INDEX = 2  # of 4: the tiny DiT has fewer blocks than SimpleTuner's recommended 8 / 10
+DEMO_PROJECTORS = ("layernorm_linear", "mlp", "conv", "irepa")
+DEMO_MLP_WIDTH = 256  # REPA's 2048 is sized for SiT-XL; the tiny models are 64 wide
+
+
+def projector_keys(prefix: str, projector: str) -> Dict[str, object]:
+    """The config keys selecting `projector` (one of DEMO_PROJECTORS) for `prefix` (crepa_ / urepa_)."""
+    if projector == "irepa":
+        return {"irepa_enabled": True}
+    return {f"{prefix}projector_kind": projector, f"{prefix}projector_mlp_width": DEMO_MLP_WIDTH}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the decoder and the encoder are not run")
     parser.add_argument("--dataset-size", type=int, default=DATASET_SIZE,
                         help=f"images in the data set (default {DATASET_SIZE})")
+    parser.add_argument("--projector", default="layernorm_linear", choices=DEMO_PROJECTORS,
+                        help="the projector head of both regularizers: layernorm_linear (SimpleTuner's, default), "
+                             "mlp (REPA's, width 256 here), conv (iREPA's conv alone) or irepa (conv + the "
+                             "target's spatial z-score)")
 
 
 def shape_images(count: int, size: int = IMAGE_SIZE, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -208,17 +221,19 @@ def run(args: argparse.Namespace) -> int:
         encoder_text = "a tiny random DINOv2"
     grid = encoder.grid(IMAGE_SIZE, IMAGE_SIZE)
     print(f"repa-fast demo: {args.steps} steps per model, batch {args.batch_size}, {IMAGE_SIZE}px shapes, "
-          f"{encoder_text} ({grid[0]}x{grid[1]} tokens of width {encoder.dim}), backend {backend} on {device}")
+          f"{encoder_text} ({grid[0]}x{grid[1]} tokens of width {encoder.dim}), projector {args.projector}, "
+          f"backend {backend} on {device}")
 
     unet = tiny_unet()
     urepa = URepaRegularizer.from_config(
-        {"urepa_enabled": True, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0, "urepa_warmup_steps": 2},
+        {"urepa_enabled": True, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0, "urepa_warmup_steps": 2,
+         **projector_keys("urepa_", args.projector)},
         unet, encoder=encoder, vae=vae, backend=args.backend, max_train_steps=args.steps,
         feature_cache=args.feature_cache)
     dit = tiny_dit()
     repa = RepaRegularizer.from_config(
         {"crepa_enabled": True, "crepa_block_index": DIT_BLOCK_INDEX, "crepa_lambda": 0.5,
-         "crepa_scheduler": "cosine", "crepa_lambda_end": 0.1},
+         "crepa_scheduler": "cosine", "crepa_lambda_end": 0.1, **projector_keys("crepa_", args.projector)},
         dit, encoder=encoder, vae=vae, backend=args.backend, max_train_steps=args.steps,
         feature_cache=args.feature_cache)
 

@@ -39,7 +39,7 @@ from ..config import RepaConfig, URepaConfig
 from .encoders import VisionEncoder, encoder_matches_name, encoder_width, pixels_from_latents
 from .feature_cache import FeatureCache, open_feature_cache, producer_of
 from .input_checks import InputWarning, latent_scale_problem, pixel_range_problem
-from ..modules import RepaLoss, URepaLoss
+from ..modules import RepaLoss, RepaProjector, URepaLoss
 from .simpletuner import check_log_names, simpletuner_logs
 
 # SimpleTuner's recommended crepa_block_index: 8 (Flux, SD3, Chroma), 10 for Sana and PixArt.
@@ -273,6 +273,14 @@ class _Regularizer(nn.Module):
         return (tokens if device is None else tokens.to(device)), grid
 
 
+def _projector_options(config, hidden_dim: int, encoder_dim: int) -> Dict[str, Any]:
+    """The loss's projector (`*_projector_kind`: an MLP of `*_projector_mlp_width`, iREPA's conv of
+    `irepa_projector_kernel_size`) and target z-score (`irepa_spatial_norm_alpha` with `irepa_enabled`)."""
+    projector = RepaProjector(hidden_dim, encoder_dim, config.projector, mlp_width=config.projector_mlp_width,
+                              kernel_size=config.irepa_projector_kernel_size)
+    return dict(projector=projector, target_zscore_alpha=config.target_zscore_alpha)
+
+
 class RepaRegularizer(_Regularizer):
     """REPA for DiTs (SD3, Flux, PixArt, Sana, Chroma, ...): block `crepa_block_index`'s image
     tokens aligned to the encoder's patch tokens (`crepa_*` keys)."""
@@ -311,7 +319,7 @@ class RepaRegularizer(_Regularizer):
         encoder, encoder_dim, vae = cls._build_parts(config, given, encoder, vae, encoder_kwargs)
         loss = RepaLoss(hidden_dim, encoder_dim, schedule=config.schedule(max_train_steps),
                         spatial_align=config.spatial_align, backend=backend,
-                        token_alignment=config.token_alignment)
+                        token_alignment=config.token_alignment, **_projector_options(config, hidden_dim, encoder_dim))
         return cls(config, model, loss, encoder, vae, block_index)._with_log_names(log_names).use_feature_cache(feature_cache)
 
     def __init__(self, config: RepaConfig, model: nn.Module, loss: RepaLoss,
@@ -369,7 +377,7 @@ class URepaRegularizer(_Regularizer):
         encoder, encoder_dim, vae = cls._build_parts(config, given, encoder, vae, encoder_kwargs)
         loss = URepaLoss(hidden_dim, encoder_dim, manifold_weight=config.manifold_weight,
                          schedule=config.schedule(max_train_steps), backend=backend,
-                         token_alignment=config.token_alignment)
+                         token_alignment=config.token_alignment, **_projector_options(config, hidden_dim, encoder_dim))
         return cls(config, model, loss, encoder, vae)._with_log_names(log_names).use_feature_cache(feature_cache)
 
     def capture(self) -> CaptureContext:

@@ -458,12 +458,15 @@ class Tile:
 
 # Per operand size, from large to small: the first whose grid fills the GPU is taken, else the
 # last. TILES: the direct form's kernels; fp32 keeps 64-wide tiles (128-wide ones spill, with or
-# without TF32). GRAM_TILES: BLOCK features a side, a (2 BLOCK)^2 accumulator. GRAM_GRAD_TILES:
-# z and t both feed each step (fp32 z with 16-bit operands in the fused head), hence a shorter
-# BLOCK_K, to stay in an A100's shared memory.
+# without TF32). GRAM_TILES: BLOCK features a side, a (2 BLOCK)^2 accumulator. GRAM_GRAD_TILES,
+# per (operand size, z's size): z and t both feed each step, hence a shorter BLOCK_K, to stay in
+# an A100's shared memory; with a fp32 z (the fused head) the 128-wide tile takes BLOCK_K 16 (32
+# reaches 255 registers and a 16-32 byte stack on sm_80 with triton 3.6).
 TILES = {2: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3)), 4: (Tile(64, 32, 4, 3),)}
 GRAM_TILES = {2: (Tile(64, 32, 8, 3), Tile(32, 32, 4, 3)), 4: (Tile(32, 16, 4, 3),)}
-GRAM_GRAD_TILES = {2: (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)), 4: (Tile(32, 32, 4, 3),)}
+GRAM_GRAD_TILES = {(2, 2): (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
+                   (2, 4): (Tile(128, 16, 8, 3), Tile(64, 32, 4, 3)),
+                   (4, 4): (Tile(32, 32, 4, 3),)}
 ROW_BLOCK = dict(BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)     # _row_stats_kernel
 FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4)     # _finish_kernel
 MEANS_BLOCK = dict(rows_per_part=512, BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)    # _column_means_kernel
@@ -594,7 +597,7 @@ def _gram_sum(z, t, nz, nt, operand: torch.dtype, grad_out):
         BLOCK_K=tile.block_k, PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages)
     if grad_out is not None:
         max_rows = SCRATCH_ELEMENTS // (batch * dim)
-        grad_tile = pick_tile(GRAM_GRAD_TILES[operand.itemsize], z.device,
+        grad_tile = pick_tile(GRAM_GRAD_TILES[operand.itemsize, z.element_size()], z.device,
                               lambda block: batch * triton.cdiv(min(max_rows, tokens), block) * triton.cdiv(dim, block))
         n_e_tiles = triton.cdiv(dim, grad_tile.block)
         chunks = row_chunks(tokens, max_rows, grad_tile.block)
@@ -798,7 +801,7 @@ def aot_specs() -> List[dict]:
                 specs.append(_spec("manifold_gram", _gram_kernel, dtypes,
                                    dict(BLOCK=tile.block, BLOCK_K=tile.block_k, PRECISION=precision),
                                    tile.num_warps, tile.num_stages, tensor_cores))
-            for tile in GRAM_GRAD_TILES[operand.itemsize]:
+            for tile in GRAM_GRAD_TILES[operand.itemsize, z_dtype.itemsize]:
                 specs.append(_spec("manifold_gram_grad", _gram_grad_kernel, dtypes,
                                    dict(BLOCK_M=tile.block, BLOCK_E=tile.block, BLOCK_K=tile.block_k,
                                         PRECISION=precision),

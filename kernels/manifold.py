@@ -5,14 +5,17 @@
 Nothing of size B x N x N is ever allocated. Two forms, the cheaper picked per call with
 `repa_fast.reference.use_gram_form`:
 
-* direct (N up to ~5E/3): per sample, tiles D_IJ = Zn_I Zn_J^T - Tn_I Tn_J^T built in registers
-  (the T product accumulates onto the rescaled Z product, one tile), the row norms applied in the
-  epilogue; squared and reduced. Without a gradient only tiles J >= I run, off-diagonal ones
-  counted twice. With a gradient every tile of a chunk of rows runs, stores D in the operand type
-  into a scratch of (B, rows, N), rows < N and at most SCRATCH_ELEMENTS in all (a bounded slab,
-  never B x N x N), and the per-row sums s_i = sum_j D_ij <zn_i, zn_j>; a second GEMM D @ Zn then
-  gives g = (4 / (B N^2)) D Zn and, in its epilogue, the gradient through the normalisation
-  dz = (g - zn <zn, g>) / ||z||, written in the input's dtype.
+* direct (N up to ~5E/3): per sample, tiles D_IJ = Zn_I Zn_J^T - Tn_I Tn_J^T = (S_I D_J^T +
+  D_I S_J^T) / 2 built in registers from the rows S = Zn + Tn and D = Zn - Tn, which the row pass
+  forms in fp32 and rounds once: D keeps its relative precision as z -> t, where products of
+  rounded Zn and Tn rows erred by the rounding itself (fused head, fp16 operands, noise 0.001:
+  2e-1 against torch's 1.4e-4; now 4e-4, as the Gram form). Squared and reduced; without a
+  gradient only tiles J >= I run, off-diagonal ones counted twice. With a gradient every tile of
+  a chunk of rows runs and stores D in the operand type into a scratch of (B, rows, N), rows < N
+  and at most SCRATCH_ELEMENTS in all (a bounded slab, never B x N x N); a second GEMM D @ Zn then
+  gives g = (4 / (B N^2)) D Zn (fp32, a g slab of the chunk's rows) and per feature tile the
+  partial sums of <zn, g>; a row pass applies the normalisation's backward
+  dz = (g - zn <zn, g>) / ||z||, written in the input's dtype (as in the Gram form).
 * Gram (N well above E): with S = Zn + Tn and D = Zn - Tn, formed from the normalised rows in
   fp32 at load time and rounded once, Zn Zn^T - Tn Tn^T = (S D^T + D S^T) / 2 and the sum is
   (<S^T S, D^T D> + <S^T D, D^T S>) / 2. The textbook ||Zn^T Zn||^2 - 2 ||Tn^T Zn||^2 +
@@ -32,15 +35,13 @@ Nothing of size B x N x N is ever allocated. Two forms, the cheaper picked per c
   Zn -> Tn).
 
 Precision. fp32 activations: fp32 throughout (TF32 only where torch's matmul precision allows).
-16-bit activations: tensor-core operands are 16-bit with fp32 accumulation. Raw fp16/bf16 inputs
-enter the Zn Zn^T and Tn Tn^T tiles as they are (exact products). Every operand that is a rounded
-result — normalised rows, S and D, the D scratch, M — is fp16, for bf16 activations too: those
-values lie in [-2, 2] (M is scaled into range), where fp16 has 3 more mantissa bits than bf16
+16-bit activations: tensor-core operands are 16-bit with fp32 accumulation. Every operand is a
+rounded result — normalised rows, S and D, the D scratch, M — and fp16, for bf16 activations
+too: those values lie in [-2, 2] (M is scaled into range), where fp16 has 3 more mantissa bits than bf16
 (bf16 operands gave 4-7e-3 gradient errors on aligned inputs, growing as alignment improves;
 fp16 ones 5-8e-4). The fused head keeps the projection z in fp32: its manifold gradient (SDXL
 U-REPA: median 1.2e-9) lies below fp16's smallest subnormal and would flush to zero. So no raw
-value is rounded to fp16 and nothing can overflow: the direct form's Zn Zn^T tiles then read fp16
-normalised rows written by the row pass (the only rounding of a fp32 z, after normalisation).
+value is rounded to fp16 and nothing can overflow.
 
 The loss ends the graph, so the gradient is computed in the forward pass and backward only
 scales it. Row norms are computed once (one row pass that also yields the cosine alignment term
@@ -63,7 +64,7 @@ from .projection import ACTIVATION_DTYPES, _num_sms, aligned_projection, operand
 
 
 EPS = 1e-12                    # F.normalize's eps
-SCRATCH_ELEMENTS = 2 ** 24     # bound of the D slab (direct form) and of the g slab (Gram form)
+SCRATCH_ELEMENTS = 2 ** 24     # bound of the D slab (direct form) and of each form's g slab
 M_RANGE = 2 ** 13              # Gram form: M is stored times a power of two <= M_RANGE / N (entries < 4 M_RANGE)
 
 

@@ -122,6 +122,16 @@ def _urepa_manifold(**kwargs):
     return rf.urepa_loss(**kwargs)[1]
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_fused_head_operands_large_tiles(form, force_form, large_tiles):
+    """The first (largest) tile of each table for a fp32 z with fp16 operands (the Gram gradient's
+    own 128-wide tile, BLOCK_K 16), N and E spanning more than one."""
+    force_form(form)
+    inputs = late_training_pair(2, 133, 129, 0.05, target_dtype=torch.float16, device=DEVICE)
+    assert_matches_reference(_fused_head_manifold, inputs, backend="triton", grad_names=("projected",),
+                             tolerance=TOLERANCE[torch.float16])
+
+
 @pytest.mark.parametrize("noise", LATE_TRAINING_NOISES[:2])
 @pytest.mark.parametrize("form", FORMS)
 def test_urepa_manifold_late_training_matches_torch(form, noise, force_form):

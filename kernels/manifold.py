@@ -459,11 +459,12 @@ class Tile:
 
 # Per operand size, from large to small: the first whose grid fills the GPU is taken, else the
 # last. TILES: the direct form's kernels; fp32 keeps 64-wide tiles (128-wide ones spill, with or
-# without TF32). GRAM_TILES: BLOCK features a side, a (2 BLOCK)^2 accumulator. GRAM_GRAD_TILES,
+# without TF32); the 16-bit 64-wide one takes BLOCK_K 32 (64 left an 8-byte stack at the 128
+# registers triton 3.8 gives it on sm_80). GRAM_TILES: BLOCK features a side, a (2 BLOCK)^2 accumulator. GRAM_GRAD_TILES,
 # per (operand size, z's size): z and t both feed each step, hence a shorter BLOCK_K, to stay in
 # an A100's shared memory; with a fp32 z (the fused head) the 128-wide tile takes BLOCK_K 16 (32
 # reaches 255 registers and a 16-32 byte stack on sm_80 with triton 3.6).
-TILES = {2: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3)), 4: (Tile(64, 32, 4, 3),)}
+TILES = {2: (Tile(128, 64, 8, 3), Tile(64, 32, 4, 3)), 4: (Tile(64, 32, 4, 3),)}
 GRAM_TILES = {2: (Tile(64, 32, 8, 3), Tile(32, 32, 4, 3)), 4: (Tile(32, 16, 4, 3),)}
 GRAM_GRAD_TILES = {(2, 2): (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
                    (2, 4): (Tile(128, 16, 8, 3), Tile(64, 32, 4, 3)),

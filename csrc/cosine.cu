@@ -9,12 +9,11 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 
-// z, t: (rows, dim); cos: (rows,) fp32; normalized: (rows, 2 * dim) = [z^ | t^], or
-// [z^ + t^ | z^ - t^] with sum_and_difference, or null.
+// z, t: (rows, dim); cos: (rows,) fp32; normalized: (rows, 2 * dim) = [z^ + t^ | z^ - t^], or null.
 template <typename T, typename N>
 __global__ void __launch_bounds__(THREADS, 4)
 cosine_rows_forward_kernel(const T* __restrict__ z, const T* __restrict__ t, int64_t rows, int64_t dim,
-                           float* __restrict__ cos, N* __restrict__ normalized, bool sum_and_difference) {
+                           float* __restrict__ cos, N* __restrict__ normalized) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32;
   if (row >= rows) return;  // the whole warp
@@ -36,8 +35,8 @@ cosine_rows_forward_kernel(const T* __restrict__ z, const T* __restrict__ t, int
   N* out = normalized + row * 2 * dim;
   for (int64_t e = lane; e < dim; e += 32) {
     const float zn = to_float(zr[e]) * inv_z, tn = to_float(tr[e]) * inv_t;
-    out[e] = from_float<N>(sum_and_difference ? zn + tn : zn);
-    out[dim + e] = from_float<N>(sum_and_difference ? zn - tn : tn);
+    out[e] = from_float<N>(zn + tn);
+    out[dim + e] = from_float<N>(zn - tn);
   }
 }
 
@@ -84,15 +83,14 @@ cosine_rows_backward_kernel(const T* __restrict__ z, const T* __restrict__ t, co
 }  // namespace
 
 Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, bool sum_and_difference, Stream stream) {
+                           void* normalized, Scalar normalized_dtype, Stream stream) {
   if (normalized_dtype != Scalar::f32 && normalized_dtype != Scalar::f16) return "normalized rows are f32 or f16";
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto launch = [&](auto out_tag) {
       using N = decltype(out_tag);
       cosine_rows_forward_kernel<T, N><<<blocks_for(rows, WARPS), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-          static_cast<const T*>(z), static_cast<const T*>(t), rows, dim, cos, static_cast<N*>(normalized),
-          sum_and_difference);
+          static_cast<const T*>(z), static_cast<const T*>(t), rows, dim, cos, static_cast<N*>(normalized));
     };
     if (normalized_dtype == Scalar::f16) launch(__half{});
     else launch(float{});

@@ -115,7 +115,7 @@ Status gather_rows(Scalar dtype, const void* x, int64_t batch, int64_t src_rows,
 }
 
 Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, bool sum_and_difference, Stream) {
+                           void* normalized, Scalar normalized_dtype, Stream) {
   if (normalized_dtype != Scalar::f32 && normalized_dtype != Scalar::f16) return "normalized rows are f32 or f16";
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -135,7 +135,7 @@ Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t r
       if (normalized == nullptr) continue;
       for (int64_t e = 0; e < dim; ++e) {
         const float zn = to_f(zs[r * dim + e]) * inv_z, tn = to_f(ts[r * dim + e]) * inv_t;
-        const float first = sum_and_difference ? zn + tn : zn, second = sum_and_difference ? zn - tn : tn;
+        const float first = zn + tn, second = zn - tn;
         if (normalized_dtype == Scalar::f16) {
           static_cast<c10::Half*>(normalized)[r * 2 * dim + e] = from_f<c10::Half>(first);
           static_cast<c10::Half*>(normalized)[r * 2 * dim + dim + e] = from_f<c10::Half>(second);
@@ -182,12 +182,13 @@ int manifold_direct_block_rows(Scalar dtype, int64_t, bool, int) {
   return dtype == Scalar::f16 ? DIRECT_BLOCK_ROWS : 0;
 }
 
-Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld, int64_t batch, int64_t tokens,
-                       int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows, Stream) {
+Status manifold_direct(Scalar dtype, const void* sum_rows, const void* diff_rows, int64_t ld, int64_t batch,
+                       int64_t tokens, int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
+                       Stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* zs = static_cast<const T*>(zn);
-    const T* ts = static_cast<const T*>(tn);
+    const T* ss = static_cast<const T*>(sum_rows);
+    const T* ds = static_cast<const T*>(diff_rows);
     const int64_t blocks = (tokens + block_rows - 1) / block_rows;
     for (int64_t i = 0; i < batch * blocks; ++i) loss_partial[i] = 0.f;
     std::vector<float> strip(tokens);
@@ -196,9 +197,10 @@ Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld,
         const int64_t ri = (b * tokens + i) * ld;
         for (int64_t j = 0; j < tokens; ++j) {
           const int64_t rj = (b * tokens + j) * ld;
-          float d = 0.f;
+          float twice_d = 0.f;  // s_i.d_j + d_i.s_j
           for (int64_t e = 0; e < dim; ++e)
-            d += to_f(zs[ri + e]) * to_f(zs[rj + e]) - to_f(ts[ri + e]) * to_f(ts[rj + e]);
+            twice_d += to_f(ss[ri + e]) * to_f(ds[rj + e]) + to_f(ds[ri + e]) * to_f(ss[rj + e]);
+          const float d = 0.5f * twice_d;
           // With the gradient every (i, j) counts once; without, only j >= i (off-diagonal twice).
           const float weight = grad != nullptr ? 1.f : (j > i ? 2.f : (j == i ? 1.f : 0.f));
           loss_partial[b * blocks + i / block_rows] += weight * d * d;
@@ -207,7 +209,10 @@ Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld,
         if (grad == nullptr) continue;
         for (int64_t e = 0; e < dim; ++e) {
           float acc = 0.f;
-          for (int64_t j = 0; j < tokens; ++j) acc += strip[j] * to_f(zs[(b * tokens + j) * ld + e]);
+          for (int64_t j = 0; j < tokens; ++j) {  // zn_j = (s_j + d_j) / 2 in the kernel's dtype
+            const int64_t rj = (b * tokens + j) * ld + e;
+            acc += strip[j] * to_f(from_f<T>(0.5f * (to_f(ss[rj]) + to_f(ds[rj]))));
+          }
           grad[(b * tokens + i) * dim + e] = grad_scale * acc;
         }
       }

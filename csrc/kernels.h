@@ -60,12 +60,12 @@ Status gather_rows(Scalar dtype, const void* x, int64_t batch, int64_t src_rows,
                    void* out, Stream stream);
 
 // Per row r of z and t (rows x dim, row-major): cos[r] = <z^, t^> with v^ = v / max(||v||, 1e-12),
-// and when `normalized` is given, normalized[r] = [z^_r | t^_r] (rows x 2*dim) in normalized_dtype
-// (f32, or f16 for the tensor cores: unit rows keep 3 more mantissa bits in f16 than in bf16), or,
-// with `sum_and_difference`, [z^_r + t^_r | z^_r - t^_r] (the stable Gram form's operands, each
-// rounded once from float32: the difference of nearly equal rows keeps its relative precision).
+// and when `normalized` is given, normalized[r] = [z^_r + t^_r | z^_r - t^_r] (rows x 2*dim) in
+// normalized_dtype (f32, or f16 for the tensor cores: values in [-2, 2] keep 3 more mantissa bits in
+// f16 than in bf16): the manifold loss's operands in both forms, each rounded once from float32, so
+// the difference of nearly equal rows keeps its relative precision.
 Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, bool sum_and_difference, Stream stream);
+                           void* normalized, Scalar normalized_dtype, Stream stream);
 
 // Gradient w.r.t. z of  grad_align * align_scale * sum_r <z^_r, t^_r>  +  grad_manifold * <M, Z^>,
 // where M = manifold_grad (rows x dim, float32, may be null) is the manifold loss's gradient w.r.t.
@@ -74,17 +74,18 @@ Status cosine_rows_backward(Scalar dtype, const void* z, const void* t, const fl
                             const float* grad_align, const float* grad_manifold, float align_scale,
                             int64_t rows, int64_t dim, void* grad_z, Stream stream);
 
-// The direct (tiled) manifold kernel for float16 normalized rows zn, tn (B, N, E) with row
-// stride `ld`: per sample sum over (i, j) of (zn_i.zn_j - tn_i.tn_j)^2, never storing an N x N
-// matrix; with `grad` (B, N, E) float32 also grad_scale * (Zn Zn^T - Tn Tn^T) Zn. Without `grad`
+// The direct (tiled) manifold kernel for float16 rows S = Zn + Tn, D = Zn - Tn (B, N, E) with row
+// stride `ld`: per sample sum over (i, j) of (zn_i.zn_j - tn_i.tn_j)^2 = ((s_i.d_j + d_i.s_j) / 2)^2,
+// never storing an N x N matrix; with `grad` (B, N, E) float32 also grad_scale * (Zn Zn^T - Tn Tn^T) Zn,
+// Zn = (S + D) / 2. Without `grad`
 // only the tiles j >= i are computed (the matrix is symmetric). One block per (block_rows rows, b):
 // loss_partial holds B * ceil(N / block_rows) sums, summed by the caller.
 // manifold_direct_block_rows: the rows per block the kernel takes for this size on `device`; 0 for
 // rows that are not float16, or when the strip of differences it keeps in shared memory does not fit
 // (the caller then computes the direct form in chunks of rows through cuBLAS).
 int manifold_direct_block_rows(Scalar dtype, int64_t tokens, bool with_grad, int device);
-Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld, int64_t batch, int64_t tokens,
-                       int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
+Status manifold_direct(Scalar dtype, const void* sum_rows, const void* diff_rows, int64_t ld, int64_t batch,
+                       int64_t tokens, int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
                        Stream stream);
 
 // The current stream of CUDA device `device` (cuda_stream.cpp; the host emulation returns null).

@@ -1,15 +1,17 @@
-// The manifold loss in its direct form, tiled, for float16 normalized rows on tensor cores (WMMA
-// 16x16x16, float32 accumulation); the rows of float16 and bfloat16 activations are normalized into
-// float16, whose 10-bit mantissa keeps the differences of nearly equal similarities 8x more exact.
-// It never stores an N x N matrix outside one block's shared memory.
+// The manifold loss in its direct form, tiled, for float16 rows on tensor cores (WMMA 16x16x16,
+// float32 accumulation). Its operands are the rows S = Zn + Tn and D = Zn - Tn, each formed in float32
+// from the normalized rows and rounded once to float16 (cosine_rows_forward): Zn Zn^T - Tn Tn^T =
+// (S D^T + D S^T) / 2 is then as exact relative to itself as D's rows are, however close Zn is to Tn
+// (products of rounded Zn and Tn would err by float16's epsilon whatever the difference, 100% of it at
+// 1e-3). It never stores an N x N matrix outside one block's shared memory.
 //
-// A block owns BM rows i of one sample. Phase 1 walks the column tiles j: the tile of
-// differences D_ij = zn_i.zn_j - tn_i.tn_j (BM x BN) is accumulated over the features in one
-// accumulator (the tn rows of the A operand are negated as they are loaded), its squares are summed
-// in float32, and, when the gradient is wanted, it is kept (rounded to the input dtype) in a
-// BM x N strip in shared memory. Phase 2 multiplies the strip by Zn, BN features at a time, giving
-// grad_scale * (D Zn) for the block's rows: the loss ends the graph, so its gradient is computed in
-// the forward pass. Each block writes only its own rows and one partial loss: no atomics.
+// A block owns BM rows i of one sample. Phase 1 walks the column tiles j: the tile of differences
+// (BM x BN) is accumulated over the features in one accumulator, S_i D_j^T and D_i S_j^T, its squares
+// are summed in float32, and, when the gradient is wanted, it is kept (rounded to the input dtype) in
+// a BM x N strip in shared memory. Phase 2 multiplies the strip by Zn = (S + D) / 2 (formed as its
+// tiles are loaded), BN features at a time, giving grad_scale * (D Zn) for the block's rows: the loss
+// ends the graph, so its gradient is computed in the forward pass. Each block writes only its own rows
+// and one partial loss: no atomics.
 // Without the gradient only the tiles with j >= i are computed (D is symmetric: off-diagonal
 // entries count twice).
 #include <mma.h>
@@ -52,12 +54,14 @@ struct Tiles {
   }
 };
 
-// dst[r][c] = src[r][c] (negated when asked) for r < rows_left, c < cols_left, else 0. With `vec`
-// (row strides and cols_left multiples of 8, 16-byte aligned rows) 16 bytes per load.
+// dst[r][c] = src[r][c], or (src[r][c] + mean_with[r][c]) / 2 when `mean_with` is given (rounded
+// once from float32), for r < rows_left, c < cols_left, else 0. With `vec` (row strides and
+// cols_left multiples of 8, 16-byte aligned rows) 16 bytes per load.
 template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ void load_tile(T* dst, int dst_ld, const T* __restrict__ src, int64_t src_ld,
-                                          int64_t rows_left, int64_t cols_left, bool vec, bool negate) {
-  static_assert(COLS % 8 == 0, "16-byte chunks");
+__device__ __forceinline__ void load_tile(T* dst, int dst_ld, const T* __restrict__ src,
+                                          const T* __restrict__ mean_with, int64_t src_ld, int64_t rows_left,
+                                          int64_t cols_left, bool vec) {
+  static_assert(COLS % 8 == 0 && sizeof(T) == 2, "16-byte chunks of 8 values");
   if (vec) {
     constexpr int CHUNKS = COLS / 8;
     for (int v = threadIdx.x; v < ROWS * CHUNKS; v += THREADS) {
@@ -65,11 +69,12 @@ __device__ __forceinline__ void load_tile(T* dst, int dst_ld, const T* __restric
       uint4 val = make_uint4(0u, 0u, 0u, 0u);
       if (r < rows_left && c < cols_left) {
         val = *reinterpret_cast<const uint4*>(src + r * src_ld + c);
-        if (negate) {  // flip the sign bit of each 16-bit value
-          val.x ^= 0x80008000u;
-          val.y ^= 0x80008000u;
-          val.z ^= 0x80008000u;
-          val.w ^= 0x80008000u;
+        if (mean_with != nullptr) {
+          const uint4 other = *reinterpret_cast<const uint4*>(mean_with + r * src_ld + c);
+          T* a = reinterpret_cast<T*>(&val);
+          const T* b = reinterpret_cast<const T*>(&other);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) a[k] = from_float<T>(0.5f * (to_float(a[k]) + to_float(b[k])));
         }
       }
       *reinterpret_cast<uint4*>(dst + r * dst_ld + c) = val;
@@ -77,8 +82,12 @@ __device__ __forceinline__ void load_tile(T* dst, int dst_ld, const T* __restric
   } else {
     for (int v = threadIdx.x; v < ROWS * COLS; v += THREADS) {
       const int r = v / COLS, c = v % COLS;
-      const float val = r < rows_left && c < cols_left ? to_float(src[r * src_ld + c]) : 0.f;
-      dst[r * dst_ld + c] = from_float<T>(negate ? -val : val);
+      float val = 0.f;
+      if (r < rows_left && c < cols_left) {
+        val = to_float(src[r * src_ld + c]);
+        if (mean_with != nullptr) val = 0.5f * (val + to_float(mean_with[r * src_ld + c]));
+      }
+      dst[r * dst_ld + c] = from_float<T>(val);
     }
   }
 }
@@ -111,11 +120,13 @@ __device__ __forceinline__ void visit_accumulators(const FragAcc* acc, float* sc
   __syncthreads();
 }
 
-// zn, tn: (B, N, E) with row stride ld; loss_partial: (B, gridDim.x); grad: (B, N, E) fp32 or null.
+// sum_rows, diff_rows: S and D (B, N, E) with row stride ld; loss_partial: (B, gridDim.x); grad:
+// (B, N, E) fp32 or null.
 // Grid: (ceil(N / BM), B). Dynamic shared memory: Tiles<BM>::smem_bytes(N, grad != null).
 template <typename T, int BM>
 __global__ void __launch_bounds__(THREADS, 1)
-manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64_t ld, int64_t tokens, int64_t dim,
+manifold_direct_kernel(const T* __restrict__ sum_rows, const T* __restrict__ diff_rows, int64_t ld, int64_t tokens,
+                       int64_t dim,
                        float grad_scale, float* __restrict__ loss_partial, float* __restrict__ grad, bool vec) {
   using S = Tiles<BM>;
   constexpr int BN = S::BN;
@@ -123,18 +134,18 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float reduce_scratch[32];
   float* scratch = reinterpret_cast<float*>(smem);
-  T* a_z = reinterpret_cast<T*>(smem + S::SCRATCH_BYTES);  // phase 1: rows i of zn, -tn; columns j of zn, tn
-  T* a_t = a_z + BM * S::OP_LD;
-  T* b_z = a_t + BM * S::OP_LD;
-  T* b_t = b_z + BN * S::OP_LD;
-  T* b_k = a_z;  // phase 2: NK tokens x BN features of zn
+  T* a_s = reinterpret_cast<T*>(smem + S::SCRATCH_BYTES);  // phase 1: rows i of S, D; columns j of D, S
+  T* a_d = a_s + BM * S::OP_LD;
+  T* b_d = a_d + BM * S::OP_LD;
+  T* b_s = b_d + BN * S::OP_LD;
+  T* b_k = a_s;  // phase 2: NK tokens x BN features of Zn
   T* strip = reinterpret_cast<T*>(smem + S::SCRATCH_BYTES + S::OPERAND_BYTES);
 
   const bool with_grad = grad != nullptr;
   const int warp = threadIdx.x / 32;
   const int64_t b = blockIdx.y, i0 = static_cast<int64_t>(blockIdx.x) * BM;
-  const T* z_b = zn + b * tokens * ld;
-  const T* t_b = tn + b * tokens * ld;
+  const T* s_b = sum_rows + b * tokens * ld;
+  const T* d_b = diff_rows + b * tokens * ld;
   const int64_t strip_ld = S::strip_ld(tokens);
   float loss = 0.f;
   FragAcc acc[S::FRAGS];
@@ -144,24 +155,25 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
 #pragma unroll
     for (int f = 0; f < S::FRAGS; ++f) wmma::fill_fragment(acc[f], 0.f);
     for (int64_t k0 = 0; k0 < dim; k0 += BK) {
-      load_tile<T, BM, BK>(a_z, S::OP_LD, z_b + i0 * ld + k0, ld, tokens - i0, dim - k0, vec, false);
-      load_tile<T, BM, BK>(a_t, S::OP_LD, t_b + i0 * ld + k0, ld, tokens - i0, dim - k0, vec, true);
-      load_tile<T, BN, BK>(b_z, S::OP_LD, z_b + j0 * ld + k0, ld, tokens - j0, dim - k0, vec, false);
-      load_tile<T, BN, BK>(b_t, S::OP_LD, t_b + j0 * ld + k0, ld, tokens - j0, dim - k0, vec, false);
+      load_tile<T, BM, BK>(a_s, S::OP_LD, s_b + i0 * ld + k0, nullptr, ld, tokens - i0, dim - k0, vec);
+      load_tile<T, BM, BK>(a_d, S::OP_LD, d_b + i0 * ld + k0, nullptr, ld, tokens - i0, dim - k0, vec);
+      load_tile<T, BN, BK>(b_d, S::OP_LD, d_b + j0 * ld + k0, nullptr, ld, tokens - j0, dim - k0, vec);
+      load_tile<T, BN, BK>(b_s, S::OP_LD, s_b + j0 * ld + k0, nullptr, ld, tokens - j0, dim - k0, vec);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
 #pragma unroll
         for (int f = 0; f < S::FRAGS; ++f) {
           const int a_at = S::frag_row(warp, f) * 16 * S::OP_LD + kk, b_at = S::frag_col(warp, f) * 16 * S::OP_LD + kk;
-          mma16<wmma::col_major>(acc[f], a_z + a_at, S::OP_LD, b_z + b_at, S::OP_LD);
-          mma16<wmma::col_major>(acc[f], a_t + a_at, S::OP_LD, b_t + b_at, S::OP_LD);
+          mma16<wmma::col_major>(acc[f], a_s + a_at, S::OP_LD, b_d + b_at, S::OP_LD);  // S_i D_j^T
+          mma16<wmma::col_major>(acc[f], a_d + a_at, S::OP_LD, b_s + b_at, S::OP_LD);  // D_i S_j^T
         }
       }
       __syncthreads();
     }
-    visit_accumulators<BM>(acc, scratch, [&](int r, int c, float d) {
+    visit_accumulators<BM>(acc, scratch, [&](int r, int c, float twice_d) {
       const int64_t i = i0 + r, j = j0 + c;
+      const float d = 0.5f * twice_d;
       const bool valid = i < tokens && j < tokens;
       const float weight = with_grad ? 1.f : (j > i ? 2.f : (j == i ? 1.f : 0.f));
       if (valid) loss += weight * d * d;
@@ -176,7 +188,7 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
 #pragma unroll
       for (int f = 0; f < S::FRAGS; ++f) wmma::fill_fragment(acc[f], 0.f);
       for (int64_t k0 = 0; k0 < k_end; k0 += NK) {
-        load_tile<T, NK, BN>(b_k, S::P2_LD, z_b + k0 * ld + e0, ld, tokens - k0, dim - e0, vec, false);
+        load_tile<T, NK, BN>(b_k, S::P2_LD, s_b + k0 * ld + e0, d_b + k0 * ld + e0, ld, tokens - k0, dim - e0, vec);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < NK; kk += 16) {
@@ -200,16 +212,16 @@ manifold_direct_kernel(const T* __restrict__ zn, const T* __restrict__ tn, int64
 }
 
 template <int BM>
-Status launch(const __half* zn, const __half* tn, int64_t ld, int64_t batch, int64_t tokens, int64_t dim,
+Status launch(const __half* sum_rows, const __half* diff_rows, int64_t ld, int64_t batch, int64_t tokens, int64_t dim,
               float grad_scale, float* loss_partial, float* grad, cudaStream_t stream) {
   const int64_t bytes = Tiles<BM>::smem_bytes(tokens, grad != nullptr);
   const auto kernel = manifold_direct_kernel<__half, BM>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  const bool vec = ld % 8 == 0 && dim % 8 == 0 && reinterpret_cast<uintptr_t>(zn) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(tn) % 16 == 0;
+  const bool vec = ld % 8 == 0 && dim % 8 == 0 && reinterpret_cast<uintptr_t>(sum_rows) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(diff_rows) % 16 == 0;
   const dim3 grid(blocks_for(tokens, BM), static_cast<unsigned>(batch));
-  kernel<<<grid, THREADS, bytes, stream>>>(zn, tn, ld, tokens, dim, grad_scale, loss_partial, grad, vec);
+  kernel<<<grid, THREADS, bytes, stream>>>(sum_rows, diff_rows, ld, tokens, dim, grad_scale, loss_partial, grad, vec);
   return launch_status();
 }
 
@@ -229,16 +241,16 @@ int manifold_direct_block_rows(Scalar dtype, int64_t tokens, bool with_grad, int
   return 0;
 }
 
-Status manifold_direct(Scalar dtype, const void* zn, const void* tn, int64_t ld, int64_t batch, int64_t tokens,
-                       int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
+Status manifold_direct(Scalar dtype, const void* sum_rows, const void* diff_rows, int64_t ld, int64_t batch,
+                       int64_t tokens, int64_t dim, float grad_scale, float* loss_partial, float* grad, int block_rows,
                        Stream stream) {
   if (dtype != Scalar::f16) return "manifold_direct: float16 rows only";
-  const auto z = static_cast<const __half*>(zn), t = static_cast<const __half*>(tn);
+  const auto sums = static_cast<const __half*>(sum_rows), diffs = static_cast<const __half*>(diff_rows);
   const auto s = static_cast<cudaStream_t>(stream);
   switch (block_rows) {
-    case 64: return launch<64>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
-    case 32: return launch<32>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
-    case 16: return launch<16>(z, t, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
+    case 64: return launch<64>(sums, diffs, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
+    case 32: return launch<32>(sums, diffs, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
+    case 16: return launch<16>(sums, diffs, ld, batch, tokens, dim, grad_scale, loss_partial, grad, s);
     default: return "manifold_direct: block_rows must be 64, 32 or 16";
   }
 }

@@ -209,18 +209,19 @@ Tensor gather_rows_op(const Tensor& x, const Tensor& offsets, const Tensor& inde
 // storing B x N x N: the Gram form through cuBLAS when the caller prefers it (it is cheaper for
 // N > 5E/3); else the direct form, in the tiled kernel (float16 rows, on tensor cores) when its strip
 // fits in shared memory, else in chunks of rows through cuBLAS (float32 rows: exact float32, TF32
-// only where torch allows it). `pairs` (B, N, 2E) holds [Zn | Tn] for the direct form and
-// [S | D] = [Zn + Tn | Zn - Tn] for the Gram form (cosine_rows_forward's sum_and_difference).
+// only where torch allows it). `pairs` (B, N, 2E) holds [S | D] = [Zn + Tn | Zn - Tn], each rounded
+// once from float32 (cosine_rows_forward): both forms multiply S and D only, so the products are as
+// exact relative to Zn Zn^T - Tn Tn^T as D's rows are, however close Zn is to Tn.
 std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool need_grad) {
   const int64_t batch = pairs.size(0), tokens = pairs.size(1), dim = pairs.size(2) / 2;
   const double count = static_cast<double>(batch) * tokens * tokens;
   const auto f32 = pairs.options().dtype(at::kFloat);
   const Tensor no_grad = at::empty({0, tokens, dim}, f32);
+  const Tensor s = pairs.narrow(2, 0, dim), d = pairs.narrow(2, dim, dim);
   if (gram) {
     // Zn Zn^T - Tn Tn^T = (S D^T + D S^T) / 2, so the sum is (<S^T S, D^T D> + <S^T D, D^T S>) / 2:
     // three E x E products, without the textbook ||Zn^T Zn||^2 - 2 ||Zn^T Tn||^2 + ||Tn^T Tn||^2's
     // cancellation of large terms when rows are aligned or share a direction.
-    const Tensor s = pairs.narrow(2, 0, dim), d = pairs.narrow(2, dim, dim);
     const Tensor s_products = matmul_f32(s.transpose(1, 2), pairs);  // (B, E, 2E) = [S^T S | S^T D]
     const Tensor ss = s_products.narrow(2, 0, dim), sd = s_products.narrow(2, dim, dim);
     const Tensor dd = matmul_f32(d.transpose(1, 2), d);
@@ -246,14 +247,16 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool n
              "manifold_direct");
     return {partial.sum() / count, grad};
   }
-  // Chunks of rows i: (B, rows, N) float32 differences, at most 2^24 values (64 MiB) at a time.
-  const Tensor zn = pairs.narrow(2, 0, dim), tn = pairs.narrow(2, dim, dim);
+  // Chunks of rows i: (B, rows, N) float32 differences (S_i D^T + D_i S^T) / 2, at most 2^24 values
+  // (64 MiB) at a time.
+  const Tensor zn = need_grad ? (s.to(at::kFloat) + d.to(at::kFloat)).mul_(0.5).to(pairs.scalar_type()) : Tensor();
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / (batch * tokens));
   Tensor total = at::zeros({}, f32);
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t length = std::min(chunk, tokens - start);
-    const Tensor diff = matmul_f32(zn.narrow(1, start, length), zn.transpose(1, 2))
-                            .sub_(matmul_f32(tn.narrow(1, start, length), tn.transpose(1, 2)));
+    const Tensor diff = matmul_f32(s.narrow(1, start, length), d.transpose(1, 2))
+                            .add_(matmul_f32(d.narrow(1, start, length), s.transpose(1, 2)))
+                            .mul_(0.5);
     total.add_(at::linalg_vector_norm(diff).square());
     if (need_grad) {
       // Round the differences (|diff| <= 2) to the rows' dtype first and scale the fp32 product
@@ -266,9 +269,9 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool n
 
 // (alignment, manifold, manifold_grad): alignment = -mean cos(z, t) per row; the manifold loss and
 // its gradient w.r.t. the normalized rows when `manifold` (else 0 and an empty (0, N, E) tensor;
-// the gradient is also empty without `need_grad`). The manifold's rows are normalized into float16
-// for the tensor cores when `half_precision` (half-precision activations), else float32, and, for
-// the Gram form, stored as their sum and difference (manifold_terms). Losses are float32 scalars.
+// the gradient is also empty without `need_grad`). The manifold's operands, the normalized rows'
+// sums and differences (manifold_terms), are float16 for the tensor cores when `half_precision`
+// (half-precision activations), else float32. Losses are float32 scalars.
 // t is cast to z's dtype.
 std::tuple<Tensor, Tensor, Tensor> alignment_terms(const Tensor& z, const Tensor& t, bool manifold, bool gram,
                                                    bool need_grad, bool half_precision) {
@@ -284,7 +287,7 @@ std::tuple<Tensor, Tensor, Tensor> alignment_terms(const Tensor& z, const Tensor
   Tensor cos = at::empty({rows}, f32);
   Tensor pairs = manifold ? at::empty({batch, tokens, 2 * dim}, z.options().dtype(normalized_dtype)) : Tensor();
   check_ok(cosine_rows_forward(scalar_of(zc), zc.data_ptr(), tc.data_ptr(), rows, dim, cos.data_ptr<float>(),
-                               manifold ? pairs.data_ptr() : nullptr, half_precision ? Scalar::f16 : Scalar::f32, gram,
+                               manifold ? pairs.data_ptr() : nullptr, half_precision ? Scalar::f16 : Scalar::f32,
                                stream_of(zc)),
            "cosine_rows_forward");
   Tensor align = cos.mean().neg();

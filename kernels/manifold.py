@@ -5,14 +5,17 @@
 Nothing of size B x N x N is ever allocated. Two forms, the cheaper picked per call with
 `repa_fast.reference.use_gram_form`:
 
-* direct (N up to ~5E/3): per sample, tiles D_IJ = Zn_I Zn_J^T - Tn_I Tn_J^T built in registers
-  (the T product accumulates onto the rescaled Z product, one tile), the row norms applied in the
-  epilogue; squared and reduced. Without a gradient only tiles J >= I run, off-diagonal ones
-  counted twice. With a gradient every tile of a chunk of rows runs, stores D in the operand type
-  into a scratch of (B, rows, N), rows < N and at most SCRATCH_ELEMENTS in all (a bounded slab,
-  never B x N x N), and the per-row sums s_i = sum_j D_ij <zn_i, zn_j>; a second GEMM D @ Zn then
-  gives g = (4 / (B N^2)) D Zn and, in its epilogue, the gradient through the normalisation
-  dz = (g - zn <zn, g>) / ||z||, written in the input's dtype.
+* direct (N up to ~5E/3): per sample, tiles D_IJ = Zn_I Zn_J^T - Tn_I Tn_J^T = (S_I D_J^T +
+  D_I S_J^T) / 2 built in registers from the rows S = Zn + Tn and D = Zn - Tn, which the row pass
+  forms in fp32 and rounds once: D keeps its relative precision as z -> t, where products of
+  rounded Zn and Tn rows erred by the rounding itself (fused head, fp16 operands, noise 0.001:
+  2e-1 against torch's 1.4e-4; now 4e-4, as the Gram form). Squared and reduced; without a
+  gradient only tiles J >= I run, off-diagonal ones counted twice. With a gradient every tile of
+  a chunk of rows runs and stores D in the operand type into a scratch of (B, rows, N), rows < N
+  and at most SCRATCH_ELEMENTS in all (a bounded slab, never B x N x N); a second GEMM D @ Zn then
+  gives g = (4 / (B N^2)) D Zn (fp32, a g slab of the chunk's rows) and per feature tile the
+  partial sums of <zn, g>; a row pass applies the normalisation's backward
+  dz = (g - zn <zn, g>) / ||z||, written in the input's dtype (as in the Gram form).
 * Gram (N well above E): with S = Zn + Tn and D = Zn - Tn, formed from the normalised rows in
   fp32 at load time and rounded once, Zn Zn^T - Tn Tn^T = (S D^T + D S^T) / 2 and the sum is
   (<S^T S, D^T D> + <S^T D, D^T S>) / 2. The textbook ||Zn^T Zn||^2 - 2 ||Tn^T Zn||^2 +
@@ -32,15 +35,13 @@ Nothing of size B x N x N is ever allocated. Two forms, the cheaper picked per c
   Zn -> Tn).
 
 Precision. fp32 activations: fp32 throughout (TF32 only where torch's matmul precision allows).
-16-bit activations: tensor-core operands are 16-bit with fp32 accumulation. Raw fp16/bf16 inputs
-enter the Zn Zn^T and Tn Tn^T tiles as they are (exact products). Every operand that is a rounded
-result — normalised rows, S and D, the D scratch, M — is fp16, for bf16 activations too: those
-values lie in [-2, 2] (M is scaled into range), where fp16 has 3 more mantissa bits than bf16
+16-bit activations: tensor-core operands are 16-bit with fp32 accumulation. Every operand is a
+rounded result — normalised rows, S and D, the D scratch, M — and fp16, for bf16 activations
+too: those values lie in [-2, 2] (M is scaled into range), where fp16 has 3 more mantissa bits than bf16
 (bf16 operands gave 4-7e-3 gradient errors on aligned inputs, growing as alignment improves;
 fp16 ones 5-8e-4). The fused head keeps the projection z in fp32: its manifold gradient (SDXL
 U-REPA: median 1.2e-9) lies below fp16's smallest subnormal and would flush to zero. So no raw
-value is rounded to fp16 and nothing can overflow: the direct form's Zn Zn^T tiles then read fp16
-normalised rows written by the row pass (the only rounding of a fp32 z, after normalisation).
+value is rounded to fp16 and nothing can overflow.
 
 The loss ends the graph, so the gradient is computed in the forward pass and backward only
 scales it. Row norms are computed once (one row pass that also yields the cosine alignment term
@@ -63,7 +64,7 @@ from .projection import ACTIVATION_DTYPES, _num_sms, aligned_projection, operand
 
 
 EPS = 1e-12                    # F.normalize's eps
-SCRATCH_ELEMENTS = 2 ** 24     # bound of the D slab (direct form) and of the g slab (Gram form)
+SCRATCH_ELEMENTS = 2 ** 24     # bound of the D slab (direct form) and of each form's g slab
 M_RANGE = 2 ** 13              # Gram form: M is stored times a power of two <= M_RANGE / N (entries < 4 M_RANGE)
 
 
@@ -72,15 +73,25 @@ M_RANGE = 2 ** 13              # Gram form: M is stored times a power of two <= 
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _normalized(z_ptrs, t_ptrs, mask, inv_nz, inv_nt):
+    """(zn, tn) of a (tokens, features) tile of raw rows, fp32. Their sums and differences are
+    formed in fp32 and rounded once, by the callers: no cancellation left for rounding to magnify."""
+    zn = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nz[:, None]
+    tn = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nt[:, None]
+    return zn, tn
+
+
+@triton.jit
 def _row_stats_kernel(
     Z, T,                     # (B, N, E) inputs, any strides
     NZ, NT, COS,              # (B, N) fp32 out: max(||z||, eps), max(||t||, eps), <zn, tn>
     ZN,                       # (B, N, E) out, operand type: zn (WRITE_ZN)
+    SUM, DIFF,                # (B, N, E) out, operand type: zn + tn, zn - tn, each rounded once (WRITE_SUM_DIFF)
     GA,                       # (B, N, E) out, z's dtype: d(-mean cos)/dz (WRITE_ALIGN_GRAD)
     N, E, align_scale,        # align_scale = -1 / (B N)
     stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
     BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EPS: tl.constexpr,
-    WRITE_ZN: tl.constexpr, WRITE_ALIGN_GRAD: tl.constexpr,
+    WRITE_ZN: tl.constexpr, WRITE_SUM_DIFF: tl.constexpr, WRITE_ALIGN_GRAD: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -104,47 +115,47 @@ def _row_stats_kernel(
     tl.store(NZ + b * N + rows, nz, mask=row_ok)
     tl.store(NT + b * N + rows, nt, mask=row_ok)
     tl.store(COS + b * N + rows, cos, mask=row_ok)
-    if WRITE_ZN or WRITE_ALIGN_GRAD:
+    if WRITE_ZN or WRITE_SUM_DIFF or WRITE_ALIGN_GRAD:
         out_rows = b * N * E + rows[:, None] * E
         # F.normalize's backward: the radial part only flows where the norm was not clamped.
         radial_cos = tl.where(nz > EPS, cos, 0.0)
         for e0 in range(0, E, BLOCK_E):
             es = e0 + tl.arange(0, BLOCK_E)
             mask = row_ok[:, None] & (es < E)[None, :]
-            zn = tl.load(z_rows + es[None, :] * stride_ze, mask=mask, other=0.0).to(tl.float32) / nz[:, None]
+            out = out_rows + es[None, :]
+            zn, tn = _normalized(z_rows + es[None, :] * stride_ze, t_rows + es[None, :] * stride_te, mask,
+                                 1.0 / nz, 1.0 / nt)
             if WRITE_ZN:
-                tl.store(ZN + out_rows + es[None, :], zn.to(ZN.dtype.element_ty), mask=mask)
+                tl.store(ZN + out, zn.to(ZN.dtype.element_ty), mask=mask)
+            if WRITE_SUM_DIFF:
+                tl.store(SUM + out, (zn + tn).to(SUM.dtype.element_ty), mask=mask)
+                tl.store(DIFF + out, (zn - tn).to(DIFF.dtype.element_ty), mask=mask)
             if WRITE_ALIGN_GRAD:
-                tn = tl.load(t_rows + es[None, :] * stride_te, mask=mask, other=0.0).to(tl.float32) / nt[:, None]
                 ga = (tn - zn * radial_cos[:, None]) * (align_scale / nz)[:, None]
-                tl.store(GA + out_rows + es[None, :], ga.to(GA.dtype.element_ty), mask=mask)
+                tl.store(GA + out, ga.to(GA.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _accumulate_pair_products(acc, X, stride_n, stride_e, rows, row_ok, cols, col_ok, E,
-                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + X[rows] @ X[cols]^T over the E features (X already offset to its sample), with X's
-    values as they are: raw 16-bit inputs give exact products."""
+def _accumulate_cross_products(acc, X, Y, rows, row_ok, cols, col_ok, E,
+                               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + X[rows] @ Y[cols]^T over the E features of contiguous rows (X, Y at their sample)."""
     for k0 in range(0, E, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = (ks < E)[None, :]
-        xi = tl.load(X + rows[:, None] * stride_n + ks[None, :] * stride_e, mask=row_ok[:, None] & k_ok, other=0.0)
-        xj = tl.load(X + cols[:, None] * stride_n + ks[None, :] * stride_e, mask=col_ok[:, None] & k_ok, other=0.0)
-        acc = tl.dot(xi, tl.trans(xj), acc, input_precision=PRECISION)
+        x = tl.load(X + rows[:, None] * E + ks[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
+        y = tl.load(Y + cols[:, None] * E + ks[None, :], mask=col_ok[:, None] & k_ok, other=0.0)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _direct_tiles_kernel(
-    Z, T,                     # (B, N, E), any strides: z (or zn when Z_NORMALIZED) and t
-    NZ, NT,                   # (B, N) fp32 clamped row norms
+    SUM, DIFF,                # (B, N, E) operand type, contiguous: S = Zn + Tn, D = Zn - Tn (the row pass)
     D,                        # (B, chunk_rows, N) operand-type scratch: D tiles of this row chunk (WITH_GRAD)
-    S_PART,                   # (B, n_col_tiles, N) fp32: per column tile, sum_j D_ij <zn_i, zn_j> (WITH_GRAD)
     LOSS_PART,                # (B, n_loss_parts) fp32: one weighted sum of D^2 per program
     N, E, row_start, row_stop, loss_offset, n_loss_parts,
-    stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te, stride_db, stride_dn,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, WITH_GRAD: tl.constexpr, Z_NORMALIZED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    stride_db, stride_dn,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, WITH_GRAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
@@ -159,31 +170,20 @@ def _direct_tiles_kernel(
     cols = tile_j * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < row_stop
     col_ok = cols < N
-    nt_i = tl.load(NT + b * N + rows, mask=row_ok, other=1.0)
-    nt_j = tl.load(NT + b * N + cols, mask=col_ok, other=1.0)
-
+    # D_IJ = Zn_I Zn_J^T - Tn_I Tn_J^T = (S_I D_J^T + D_I S_J^T) / 2: the products of the rounded
+    # rows are as exact relative to D as the rows are, however close Zn is to Tn.
+    sum_rows = SUM + b * N * E
+    diff_rows = DIFF + b * N * E
     acc = tl.zeros((BLOCK, BLOCK), tl.float32)
-    acc = _accumulate_pair_products(acc, Z + b * stride_zb, stride_zn, stride_ze, rows, row_ok, cols, col_ok, E,
-                                    BLOCK_K, PRECISION)
-    if Z_NORMALIZED:
-        szz = acc                                                    # <zn_i, zn_j>
-    else:
-        nz_i = tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
-        nz_j = tl.load(NZ + b * N + cols, mask=col_ok, other=1.0)
-        szz = acc / (nz_i[:, None] * nz_j[None, :])
-    # One tile for both products: rescale the Z product into T's raw scale, accumulate T T^T onto
-    # it, rescale back: D = Szz - Stt.
-    acc = -szz * (nt_i[:, None] * nt_j[None, :])
-    acc = _accumulate_pair_products(acc, T + b * stride_tb, stride_tn, stride_te, rows, row_ok, cols, col_ok, E,
-                                    BLOCK_K, PRECISION)
-    d = -acc / (nt_i[:, None] * nt_j[None, :])
+    acc = _accumulate_cross_products(acc, sum_rows, diff_rows, rows, row_ok, cols, col_ok, E, BLOCK_K, PRECISION)
+    acc = _accumulate_cross_products(acc, diff_rows, sum_rows, rows, row_ok, cols, col_ok, E, BLOCK_K, PRECISION)
+    d = acc * 0.5
 
     weight = 1.0
     if not WITH_GRAD:
         weight = tl.where(tile_j > tile_i, 2.0, 1.0)
     tl.store(LOSS_PART + b * n_loss_parts + loss_offset + pid, tl.sum(tl.sum(d * d, 1), 0) * weight)
     if WITH_GRAD:
-        tl.store(S_PART + (b * n_col_tiles + tile_j) * N + rows, tl.sum(d * szz, 1), mask=row_ok)
         d_ptrs = D + b * stride_db + (rows - row_start)[:, None] * stride_dn + cols[None, :]
         tl.store(d_ptrs, d.to(D.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -198,6 +198,19 @@ def _chunk_tile(E, row_start, row_stop, BLOCK_M: tl.constexpr, BLOCK_E: tl.const
     rows = row_start + (pid // n_e_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     es = (pid % n_e_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
     return b, rows, rows < row_stop, es, es < E
+
+
+@triton.jit
+def _store_g_rows(G, S_PART, g, z_rows, inv_nz, b, rows, row_ok, row_start, es, e_ok, N, E,
+                  stride_ze, stride_gb, stride_gn, BLOCK_E: tl.constexpr):
+    """g (fp32) into the chunk's slab, and its share of <zn_i, g_i> per feature tile: the
+    normalisation's backward (_finish_kernel) needs the whole row's sum. z_rows: (BLOCK_M, 1)."""
+    tile_e = tl.program_id(0) % tl.cdiv(E, BLOCK_E)
+    mask = row_ok[:, None] & e_ok[None, :]
+    z = tl.load(z_rows + es[None, :] * stride_ze, mask=mask, other=0.0)
+    tl.store(S_PART + (b * tl.cdiv(E, BLOCK_E) + tile_e) * N + rows, tl.sum(z.to(tl.float32) * g, 1) * inv_nz,
+             mask=row_ok)
+    tl.store(G + b * stride_gb + (rows - row_start)[:, None] * stride_gn + es[None, :], g, mask=mask)
 
 
 @triton.jit
@@ -242,29 +255,19 @@ def _direct_grad_kernel(
     ZN,                       # (B, N, E) operand type, contiguous: zn
     Z,                        # (B, N, E) input, any strides
     NZ,                       # (B, N) fp32 clamped norms of z rows
-    S_PART,                   # (B, n_s_parts, N) fp32 partials of sum_j D_ij <zn_i, zn_j>
-    OUT,                      # (B, N, E) contiguous, z's dtype: input gradient
-    N, E, row_start, row_stop, n_s_parts, scale,     # scale = 4 / (B N^2)
-    stride_db, stride_dn, stride_zb, stride_zn, stride_ze,
+    G,                        # (B, chunk_rows, E) fp32 out: g rows of this chunk
+    S_PART,                   # (B, n_e_tiles, N) fp32 out: per feature tile, <zn_i, g_i>
+    N, E, row_start, row_stop, scale,     # scale = 4 / (B N^2)
+    stride_db, stride_dn, stride_zb, stride_zn, stride_ze, stride_gb, stride_gn,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    EPS: tl.constexpr,
 ):
     b, rows, row_ok, es, e_ok = _chunk_tile(E, row_start, row_stop, BLOCK_M, BLOCK_E)
     acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     acc = _accumulate_rows_times(acc, D + b * stride_db + (rows - row_start)[:, None] * stride_dn, 1, row_ok,
                                  ZN + b * N * E + es[None, :], E, e_ok, N, BLOCK_K, PRECISION)
-    s = _sum_row_partials(S_PART, b, rows, row_ok, N, n_s_parts)
-    _store_input_gradient(OUT, acc * scale, s * scale, Z, NZ, b, rows, row_ok, es, e_ok, N, E,
-                          stride_zb, stride_zn, stride_ze, EPS)
-
-
-@triton.jit
-def _normalized(z_ptrs, t_ptrs, mask, inv_nz, inv_nt):
-    """(zn, tn) of a (tokens, features) tile of raw rows, fp32. Their sums and differences are
-    formed in fp32 and rounded once, by the callers: no cancellation left for rounding to magnify."""
-    zn = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nz[:, None]
-    tn = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nt[:, None]
-    return zn, tn
+    inv_nz = 1.0 / tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
+    _store_g_rows(G, S_PART, acc * scale, Z + b * stride_zb + rows[:, None] * stride_zn, inv_nz, b, rows, row_ok,
+                  row_start, es, e_ok, N, E, stride_ze, stride_gb, stride_gn, BLOCK_E)
 
 
 @triton.jit
@@ -390,8 +393,6 @@ def _gram_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, rows, row_ok, es, e_ok = _chunk_tile(E, row_start, row_stop, BLOCK_M, BLOCK_E)
-    n_e_tiles = tl.cdiv(E, BLOCK_E)
-    tile_e = tl.program_id(0) % n_e_tiles
     operand = M.dtype.element_ty
     inv_nz = 1.0 / tl.load(NZ + b * N + rows, mask=row_ok, other=1.0)
     inv_nt = 1.0 / tl.load(NT + b * N + rows, mask=row_ok, other=1.0)
@@ -420,14 +421,12 @@ def _gram_grad_kernel(
                      input_precision=PRECISION)
     z_mean_2n = (tl.load(means + es, mask=e_ok, other=0.0) + tl.load(means + E + es, mask=e_ok, other=0.0)) * N
     g = (acc / m_scale + along_mean[:, None] * z_mean_2n[None, :]) * scale
-    mask = row_ok[:, None] & e_ok[None, :]
-    z = tl.load(z_rows + es[None, :] * stride_ze, mask=mask, other=0.0)
-    tl.store(S_PART + (b * n_e_tiles + tile_e) * N + rows, tl.sum(z.to(tl.float32) * g, 1) * inv_nz, mask=row_ok)
-    tl.store(G + b * stride_gb + (rows - row_start)[:, None] * stride_gn + es[None, :], g, mask=mask)
+    _store_g_rows(G, S_PART, g, z_rows, inv_nz, b, rows, row_ok, row_start, es, e_ok, N, E, stride_ze, stride_gb,
+                  stride_gn, BLOCK_E)
 
 
 @triton.jit
-def _gram_finish_kernel(
+def _finish_kernel(
     G,                        # (B, chunk_rows, E) fp32: g rows of this chunk
     Z,                        # (B, N, E) input, any strides
     NZ,                       # (B, N) fp32 clamped norms of z rows
@@ -460,14 +459,18 @@ class Tile:
 
 # Per operand size, from large to small: the first whose grid fills the GPU is taken, else the
 # last. TILES: the direct form's kernels; fp32 keeps 64-wide tiles (128-wide ones spill, with or
-# without TF32). GRAM_TILES: BLOCK features a side, a (2 BLOCK)^2 accumulator. GRAM_GRAD_TILES:
-# z and t both feed each step (fp32 z with 16-bit operands in the fused head), hence a shorter
-# BLOCK_K, to stay in an A100's shared memory.
-TILES = {2: (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3)), 4: (Tile(64, 32, 4, 3),)}
+# without TF32); the 16-bit 64-wide one takes BLOCK_K 32 (64 left an 8-byte stack at the 128
+# registers triton 3.8 gives it on sm_80). GRAM_TILES: BLOCK features a side, a (2 BLOCK)^2 accumulator. GRAM_GRAD_TILES,
+# per (operand size, z's size): z and t both feed each step, hence a shorter BLOCK_K, to stay in
+# an A100's shared memory; with a fp32 z (the fused head) the 128-wide tile takes BLOCK_K 16 (32
+# reaches 255 registers and a 16-32 byte stack on sm_80 with triton 3.6).
+TILES = {2: (Tile(128, 64, 8, 3), Tile(64, 32, 4, 3)), 4: (Tile(64, 32, 4, 3),)}
 GRAM_TILES = {2: (Tile(64, 32, 8, 3), Tile(32, 32, 4, 3)), 4: (Tile(32, 16, 4, 3),)}
-GRAM_GRAD_TILES = {2: (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)), 4: (Tile(32, 32, 4, 3),)}
+GRAM_GRAD_TILES = {(2, 2): (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
+                   (2, 4): (Tile(128, 16, 8, 3), Tile(64, 32, 4, 3)),
+                   (4, 4): (Tile(32, 32, 4, 3),)}
 ROW_BLOCK = dict(BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)     # _row_stats_kernel
-FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4)     # _gram_finish_kernel
+FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4)     # _finish_kernel
 MEANS_BLOCK = dict(rows_per_part=512, BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)    # _column_means_kernel
 
 
@@ -492,56 +495,71 @@ def row_chunks(tokens: int, max_rows: int, block: int) -> List[Tuple[int, int]]:
     return [(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
 
 
-def _row_stats(z, t, operand: torch.dtype, write_zn: bool, write_align_grad: bool):
+def _row_stats(z, t, operand: torch.dtype, write_zn: bool, write_sum_diff: bool, write_align_grad: bool):
+    """Row norms and cosines; zn, the rows S = Zn + Tn and D = Zn - Tn (operand type) and the
+    alignment gradient where asked (else None)."""
     batch, tokens, dim = z.shape
     nz, nt, cos = torch.empty((3, batch, tokens), device=z.device, dtype=torch.float32).unbind(0)
     zn = torch.empty((batch, tokens, dim), device=z.device, dtype=operand) if write_zn else None
+    sum_rows, diff_rows = (torch.empty((2, batch, tokens, dim), device=z.device, dtype=operand).unbind(0)
+                           if write_sum_diff else (None, None))
     ga = torch.empty_like(z, memory_format=torch.contiguous_format) if write_align_grad else None
     grid = (triton.cdiv(tokens, ROW_BLOCK["BLOCK_ROWS"]), batch)
-    _row_stats_kernel[grid](z, t, nz, nt, cos, zn, ga, tokens, dim, -1.0 / (batch * tokens), *z.stride(), *t.stride(),
-                            EPS=EPS, WRITE_ZN=write_zn, WRITE_ALIGN_GRAD=write_align_grad, **ROW_BLOCK)
-    return nz, nt, cos, zn, ga
+    _row_stats_kernel[grid](z, t, nz, nt, cos, zn, sum_rows, diff_rows, ga, tokens, dim, -1.0 / (batch * tokens),
+                            *z.stride(), *t.stride(), EPS=EPS, WRITE_ZN=write_zn, WRITE_SUM_DIFF=write_sum_diff,
+                            WRITE_ALIGN_GRAD=write_align_grad, **ROW_BLOCK)
+    return nz, nt, cos, zn, sum_rows, diff_rows, ga
 
 
-def _direct_sum(z, t, nz, nt, zn, operand: torch.dtype, grad_out, z_normalized: bool):
-    """Sum over (b, i, j) of D_ij^2; with `grad_out`, also writes the input gradient into it.
-    `z_normalized`: the Zn Zn^T tiles read `zn` (a fp32 z in 16-bit operands) instead of z."""
+def _finish(g, z, nz, s_parts, grad_out, start: int, stop: int):
+    """grad_out rows [start, stop) = the normalisation's backward of the chunk's g slab."""
+    batch, tokens, dim = z.shape
+    grid = (triton.cdiv(stop - start, FINISH_BLOCK["BLOCK_M"]) * triton.cdiv(dim, FINISH_BLOCK["BLOCK_E"]), batch)
+    _finish_kernel[grid](g, z, nz, s_parts, grad_out, tokens, dim, start, stop, s_parts.shape[1], *g.stride()[:2],
+                         *z.stride(), EPS=EPS, **FINISH_BLOCK)
+
+
+def _direct_sum(z, nz, zn, sum_rows, diff_rows, operand: torch.dtype, grad_out):
+    """Sum over (b, i, j) of D_ij^2 from the rows S and D; with `grad_out`, also writes the input
+    gradient into it (through zn)."""
     batch, tokens, dim = z.shape
     with_grad = grad_out is not None
     tile = pick_tile(TILES[operand.itemsize], z.device,
                      lambda block: batch * triton.cdiv(tokens, block) ** 2 // (1 if with_grad else 2))
     n_tiles = triton.cdiv(tokens, tile.block)
     precision = dot_precision(operand)
-    z_tiles = zn if z_normalized else z
-    common = dict(BLOCK=tile.block, BLOCK_K=tile.block_k, Z_NORMALIZED=z_normalized, PRECISION=precision,
-                  num_warps=tile.num_warps, num_stages=tile.num_stages)
+    common = dict(BLOCK=tile.block, BLOCK_K=tile.block_k, PRECISION=precision, num_warps=tile.num_warps,
+                  num_stages=tile.num_stages)
     if not with_grad:
         parts = torch.zeros((batch, n_tiles * n_tiles), device=z.device, dtype=torch.float32)
         _direct_tiles_kernel[(n_tiles * n_tiles, batch)](
-            z_tiles, t, nz, nt, None, None, parts, tokens, dim, 0, tokens, 0, parts.shape[1], *z_tiles.stride(),
-            *t.stride(), 0, 0, WITH_GRAD=False, **common)
+            sum_rows, diff_rows, None, parts, tokens, dim, 0, tokens, 0, parts.shape[1], 0, 0, WITH_GRAD=False,
+            **common)
         return parts.sum(dtype=torch.float64)
 
-    # The D slab holds fewer rows than N (and at most SCRATCH_ELEMENTS): never B x N x N.
-    chunks = row_chunks(tokens, min(tokens - 1, SCRATCH_ELEMENTS // (batch * tokens)), tile.block)
+    # The D slab (rows x N) and the g slab (rows x E) hold fewer rows than N and at most
+    # SCRATCH_ELEMENTS values each: never B x N x N.
+    chunks = row_chunks(tokens, min(tokens - 1, SCRATCH_ELEMENTS // (batch * max(tokens, dim))), tile.block)
     rows = chunks[0][1] - chunks[0][0]
     slab = torch.empty((batch, rows, tokens), device=z.device, dtype=operand)
-    s_parts = torch.empty((batch, n_tiles, tokens), device=z.device, dtype=torch.float32)
     programs = [triton.cdiv(stop - start, tile.block) * n_tiles for start, stop in chunks]
     parts = torch.empty((batch, sum(programs)), device=z.device, dtype=torch.float32)
     grad_tile = pick_tile(TILES[operand.itemsize], z.device,
                           lambda block: batch * triton.cdiv(rows, block) * triton.cdiv(dim, block))
+    g = torch.empty((batch, rows, dim), device=z.device, dtype=torch.float32)
+    s_parts = torch.empty((batch, triton.cdiv(dim, grad_tile.block), tokens), device=z.device, dtype=torch.float32)
     offset = 0
     for (start, stop), count in zip(chunks, programs):
         _direct_tiles_kernel[(count, batch)](
-            z_tiles, t, nz, nt, slab, s_parts, parts, tokens, dim, start, stop, offset, parts.shape[1],
-            *z_tiles.stride(), *t.stride(), *slab.stride()[:2], WITH_GRAD=True, **common)
+            sum_rows, diff_rows, slab, parts, tokens, dim, start, stop, offset, parts.shape[1], *slab.stride()[:2],
+            WITH_GRAD=True, **common)
         grid = (triton.cdiv(stop - start, grad_tile.block) * triton.cdiv(dim, grad_tile.block), batch)
         _direct_grad_kernel[grid](
-            slab, zn, z, nz, s_parts, grad_out, tokens, dim, start, stop, n_tiles, 4.0 / (batch * tokens * tokens),
-            *slab.stride()[:2], *z.stride(), BLOCK_M=grad_tile.block, BLOCK_E=grad_tile.block,
-            BLOCK_K=grad_tile.block_k, PRECISION=precision, EPS=EPS, num_warps=grad_tile.num_warps,
+            slab, zn, z, nz, g, s_parts, tokens, dim, start, stop, 4.0 / (batch * tokens * tokens),
+            *slab.stride()[:2], *z.stride(), *g.stride()[:2], BLOCK_M=grad_tile.block, BLOCK_E=grad_tile.block,
+            BLOCK_K=grad_tile.block_k, PRECISION=precision, num_warps=grad_tile.num_warps,
             num_stages=grad_tile.num_stages)
+        _finish(g, z, nz, s_parts, grad_out, start, stop)
         offset += count
     return parts.sum(dtype=torch.float64)
 
@@ -581,7 +599,7 @@ def _gram_sum(z, t, nz, nt, operand: torch.dtype, grad_out):
         BLOCK_K=tile.block_k, PRECISION=precision, num_warps=tile.num_warps, num_stages=tile.num_stages)
     if grad_out is not None:
         max_rows = SCRATCH_ELEMENTS // (batch * dim)
-        grad_tile = pick_tile(GRAM_GRAD_TILES[operand.itemsize], z.device,
+        grad_tile = pick_tile(GRAM_GRAD_TILES[operand.itemsize, z.element_size()], z.device,
                               lambda block: batch * triton.cdiv(min(max_rows, tokens), block) * triton.cdiv(dim, block))
         n_e_tiles = triton.cdiv(dim, grad_tile.block)
         chunks = row_chunks(tokens, max_rows, grad_tile.block)
@@ -593,9 +611,7 @@ def _gram_sum(z, t, nz, nt, operand: torch.dtype, grad_out):
                 *z.stride(), *t.stride(), *g.stride()[:2], BLOCK_M=grad_tile.block, BLOCK_E=grad_tile.block,
                 BLOCK_K=grad_tile.block_k, PRECISION=precision, num_warps=grad_tile.num_warps,
                 num_stages=grad_tile.num_stages)
-            grid = (triton.cdiv(stop - start, FINISH_BLOCK["BLOCK_M"]) * triton.cdiv(dim, FINISH_BLOCK["BLOCK_E"]), batch)
-            _gram_finish_kernel[grid](g, z, nz, s_parts, grad_out, tokens, dim, start, stop, n_e_tiles,
-                                      *g.stride()[:2], *z.stride(), EPS=EPS, **FINISH_BLOCK)
+            _finish(g, z, nz, s_parts, grad_out, start, stop)
     return parts.sum(dtype=torch.float64)
 
 
@@ -625,15 +641,14 @@ def _losses_and_grads(z, t, with_grad: bool, with_align: bool, half: bool):
     operand = torch.float16 if half else torch.float32
     batch, tokens, dim = z.shape
     gram = use_gram_form(tokens, dim)
-    # A fp32 z meets 16-bit operands only normalised: the direct form's tiles then read zn.
-    z_normalized = not gram and half and z.dtype == torch.float32
-    nz, nt, cos, zn, align_grad = _row_stats(z, t, operand, write_zn=not gram and (with_grad or z_normalized),
-                                             write_align_grad=with_grad and with_align)
+    nz, nt, cos, zn, sum_rows, diff_rows, align_grad = _row_stats(
+        z, t, operand, write_zn=not gram and with_grad, write_sum_diff=not gram,
+        write_align_grad=with_grad and with_align)
     grad = torch.empty_like(z, memory_format=torch.contiguous_format) if with_grad else None
     if gram:
         total = _gram_sum(z, t, nz, nt, operand, grad)
     else:
-        total = _direct_sum(z, t, nz, nt, zn, operand, grad, z_normalized)
+        total = _direct_sum(z, nz, zn, sum_rows, diff_rows, operand, grad)
     align = (-cos.sum(dtype=torch.float64) / (batch * tokens)).float() if with_align else None
     as_input = lambda g: z.new_empty((0,), dtype=z_dtype) if g is None else g.to(z_dtype)
     return align, (total / (batch * tokens * tokens)).float(), as_input(align_grad), as_input(grad)
@@ -725,7 +740,10 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 _FLOAT_SCALARS = {"align_scale", "scale", "m_scale"}
 _SIZES = {"N", "E"}
 # Pointer arguments by what they hold: z's dtype, t's, the operand type; any other is fp32.
-_POINTER_ROLES = {"Z": "z", "GA": "z", "OUT": "z", "T": "t", "ZN": "operand", "D": "operand", "M": "operand"}
+_POINTER_ROLES = {"Z": "z", "GA": "z", "OUT": "z", "T": "t", "ZN": "operand", "SUM": "operand", "DIFF": "operand",
+                  "D": "operand", "M": "operand"}
+# (WRITE_ZN, WRITE_SUM_DIFF) as _losses_and_grads asks: Gram form; direct form, without and with gradient.
+_ROW_PASS_WRITES = ((False, False), (False, True), (True, True))
 
 
 def _spec(name, fn, dtypes, constexprs, num_warps, num_stages, tensor_cores):
@@ -757,37 +775,35 @@ def aot_specs() -> List[dict]:
     for z_dtype, t_dtype in INPUT_DTYPES:
         operand = operand_dtype(t_dtype)
         dtypes = dict(z=z_dtype, t=t_dtype, operand=operand)
-        for write_zn in (False, True):
+        for write_zn, write_sum_diff in _ROW_PASS_WRITES:
             for write_align_grad in (False, True):
                 specs.append(_spec("manifold_row_stats", _row_stats_kernel, dtypes,
                                    dict(BLOCK_ROWS=ROW_BLOCK["BLOCK_ROWS"], BLOCK_E=ROW_BLOCK["BLOCK_E"], EPS=EPS,
-                                        WRITE_ZN=write_zn, WRITE_ALIGN_GRAD=write_align_grad),
+                                        WRITE_ZN=write_zn, WRITE_SUM_DIFF=write_sum_diff,
+                                        WRITE_ALIGN_GRAD=write_align_grad),
                                    ROW_BLOCK["num_warps"], 1, False))
         specs.append(_spec("manifold_column_means", _column_means_kernel, dtypes,
                            dict(BLOCK_ROWS=MEANS_BLOCK["BLOCK_ROWS"], BLOCK_E=MEANS_BLOCK["BLOCK_E"]),
                            MEANS_BLOCK["num_warps"], 1, False))
-        specs.append(_spec("manifold_gram_finish", _gram_finish_kernel, dict(z=z_dtype),
+        specs.append(_spec("manifold_finish", _finish_kernel, dict(z=z_dtype),
                            dict(BLOCK_M=FINISH_BLOCK["BLOCK_M"], BLOCK_E=FINISH_BLOCK["BLOCK_E"], EPS=EPS),
                            FINISH_BLOCK["num_warps"], 1, False))
-        # The direct form's Zn Zn^T tiles read a fp32 z met by 16-bit operands as fp16 zn.
-        z_normalized = z_dtype == torch.float32 and operand != torch.float32
-        tiles_dtypes = dict(z=operand if z_normalized else z_dtype, t=t_dtype, operand=operand)
         for precision in (("ieee", "tf32") if operand == torch.float32 else ("tf32",)):
             tensor_cores = precision != "ieee"
             for tile in TILES[operand.itemsize]:
                 gemm = dict(BLOCK_K=tile.block_k, PRECISION=precision)
                 for with_grad in (False, True):
-                    specs.append(_spec("manifold_direct_tiles", _direct_tiles_kernel, tiles_dtypes,
-                                       dict(BLOCK=tile.block, WITH_GRAD=with_grad, Z_NORMALIZED=z_normalized, **gemm),
+                    specs.append(_spec("manifold_direct_tiles", _direct_tiles_kernel, dict(operand=operand),
+                                       dict(BLOCK=tile.block, WITH_GRAD=with_grad, **gemm),
                                        tile.num_warps, tile.num_stages, tensor_cores))
                 specs.append(_spec("manifold_direct_grad", _direct_grad_kernel, dict(z=z_dtype, operand=operand),
-                                   dict(BLOCK_M=tile.block, BLOCK_E=tile.block, **gemm, EPS=EPS),
+                                   dict(BLOCK_M=tile.block, BLOCK_E=tile.block, **gemm),
                                    tile.num_warps, tile.num_stages, tensor_cores))
             for tile in GRAM_TILES[operand.itemsize]:
                 specs.append(_spec("manifold_gram", _gram_kernel, dtypes,
                                    dict(BLOCK=tile.block, BLOCK_K=tile.block_k, PRECISION=precision),
                                    tile.num_warps, tile.num_stages, tensor_cores))
-            for tile in GRAM_GRAD_TILES[operand.itemsize]:
+            for tile in GRAM_GRAD_TILES[operand.itemsize, z_dtype.itemsize]:
                 specs.append(_spec("manifold_gram_grad", _gram_grad_kernel, dtypes,
                                    dict(BLOCK_M=tile.block, BLOCK_E=tile.block, BLOCK_K=tile.block_k,
                                         PRECISION=precision),

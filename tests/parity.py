@@ -51,13 +51,14 @@ def interpolate_tokens(x: torch.Tensor, src: Tuple[int, ...], dst: Tuple[int, ..
 
 def projection_inputs(batch: int, tokens, hidden_dim: int, target_tokens: int, encoder_dim: int, *,
                       dtype=torch.float32, param_dtype=torch.float32, device="cpu",
-                      feature_map: bool = False) -> Dict[str, torch.Tensor]:
+                      feature_map: bool = False, noise: float = 0.4) -> Dict[str, torch.Tensor]:
     """hidden (B, tokens, D) — or (B, D, h, w) when `feature_map` and tokens is (h, w) — target
     (B, target_tokens, E) and projector parameters near a trained LayerNorm's (gamma ~ 1).
 
-    The target is the projection itself (resampled to the target's count) plus noise, as after
-    some training: the cosine loss sits well below 0, where its relative error means something
-    (against an unrelated target it is ~0 and every relative error is noise)."""
+    The target is the projection itself (resampled to the target's count) plus `noise` times its
+    std of noise, as after some training: the cosine loss sits well below 0, where its relative
+    error means something (against an unrelated target it is ~0 and every relative error is
+    noise). Small `noise` is late training, z -> t, where the manifold loss is ill-conditioned."""
     if feature_map:
         hidden = torch.randn(batch, hidden_dim, *tokens, device=device, dtype=torch.float64)
     else:
@@ -72,11 +73,24 @@ def projection_inputs(batch: int, tokens, hidden_dim: int, target_tokens: int, e
     if hidden.numel() and target_tokens and encoder_dim and device != "meta":
         z = literal_projection(hidden, *params.values())
         z = interpolate_tokens(z, (z.shape[1],), (target_tokens,))
-        target = (z + 0.4 * z.std() * torch.randn_like(z)).contiguous()
+        target = (z + noise * z.std() * torch.randn_like(z)).contiguous()
     else:   # empty or meta inputs (validation tests): nothing to correlate with
         target = torch.randn(batch, target_tokens, encoder_dim, device=device, dtype=torch.float64)
     return {"hidden": hidden.to(dtype), "target": target.to(dtype),
             **{name: value.to(param_dtype) for name, value in params.items()}}
+
+
+LATE_TRAINING_NOISES = (0.05, 0.01, 0.001)
+
+
+def late_training_pair(batch: int, tokens: int, dim: int, noise: float, *, dtype=torch.float32,
+                       target_dtype: Optional[torch.dtype] = None, device="cpu") -> Dict[str, torch.Tensor]:
+    """(projected, target) late in training: target = projected + `noise` times its std of noise
+    (z -> t, where the manifold loss is ill-conditioned: see assert_matches_reference). The small
+    scale keeps 16-bit gradients, about 4 sqrt(N) noise / (B N^2 |z|), clear of fp16's subnormals."""
+    z = 0.01 * torch.randn(batch, tokens, dim, device=device, dtype=torch.float64)
+    target = z + noise * z.std() * torch.randn_like(z)
+    return {"projected": z.to(dtype), "target": target.to(target_dtype or dtype)}
 
 
 def cast(inputs: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
@@ -115,10 +129,11 @@ def outputs_and_grads(fn: Callable, inputs: Dict[str, torch.Tensor], grad_names:
 
 def assert_matches_reference(fn: Callable, inputs: Dict[str, torch.Tensor], *, backend: str,
                              grad_names: Sequence[str] = PROJECTION_ARGS, tolerance: Optional[float] = None,
-                             **kwargs) -> Dict[str, float]:
+                             ill_conditioned: bool = False, **kwargs) -> Dict[str, float]:
     """DESIGN.md §4: every output and gradient of `backend` within `tolerance` of the float64
     torch reference, and no worse than the torch backend in the same dtype plus that margin.
-    Returns the errors, for messages."""
+    `ill_conditioned` inputs (z -> t) turn the rounding of the inputs themselves into errors beyond
+    `tolerance`, in the torch backend too: only the margin over torch applies. Returns the errors."""
     dtype = inputs["hidden"].dtype if "hidden" in inputs else inputs["projected"].dtype
     tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     reference = outputs_and_grads(fn, cast(inputs, torch.float64), grad_names, backend="torch", **kwargs)
@@ -128,7 +143,7 @@ def assert_matches_reference(fn: Callable, inputs: Dict[str, torch.Tensor], *, b
     for key, ref in reference.items():
         err, torch_err = rel_err(result[key], ref), rel_err(same_dtype_torch[key], ref)
         errors[key] = err
-        assert err <= tolerance and err <= torch_err + tolerance, (
+        assert (ill_conditioned or err <= tolerance) and err <= torch_err + tolerance, (
             f"{backend} {key}: rel err {err:.3g} (torch backend in {dtype}: {torch_err:.3g}, tolerance {tolerance:g})")
     return errors
 

@@ -23,7 +23,11 @@ def build_host_emulation() -> str:
     """csrc/ops.cpp with CPU launchers, as a torch library (cached by torch like any JIT build)."""
     from torch.utils import cpp_extension
     build = cuda_backend._build_description()
-    return cpp_extension.load(name="repa_fast_host_emulation",
+    # Built per checkout (build/ is ignored): torch's shared extension cache would let two
+    # checkouts of different csrc/ overwrite each other's build.
+    directory = build.CSRC.parent / "build" / "host_emulation"
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name="repa_fast_host_emulation", build_directory=str(directory),
                               sources=[str(build.CSRC / s) for s in build.HOST_EMULATION_SOURCES],
                               extra_cflags=["-O1", "-DREPA_FAST_DISPATCH_KEY=CPU"], is_python_module=False)
 

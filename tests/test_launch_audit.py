@@ -266,7 +266,7 @@ def test_every_launched_configuration_is_compiled_ahead_of_time(audit, specs):
             nearest = min((_differences(spec, launch) for spec in specs if spec["kernel"] == launch.name),
                           key=len, default=["no spec at all"])
             if nearest:
-                missing.add(f"{launch.name} ({case.op} {str(dtype)[6:]}, e.g. {case.name}): " + ", ".join(nearest))
+                missing.add(f"{launch.name} ({case.op}, {str(dtype)[6:]}): " + ", ".join(nearest))
     assert not missing, "launched, but no aot_specs() entry; nearest spec differs in:\n" + "\n".join(sorted(missing))
 
 

@@ -1,5 +1,5 @@
-"""Launch audit at real sizes, without a GPU: every Triton launch the triton backend makes for each
-DESIGN.md §5 case and each `models` preset case (repa_fast/cli/bench_cases.py), forward and
+"""Launch audit at real sizes, without a GPU: every launch the triton and cuda backends make for
+each DESIGN.md §5 case and each `models` preset case (repa_fast/cli/bench_cases.py), forward and
 backward, is intercepted (never executed) on meta tensors and checked:
 
 - grid x <= 2^31 - 1, y and z <= 65535 (CUDA's limits);
@@ -7,12 +7,15 @@ backward, is intercepted (never executed) on meta tensors and checked:
   int32 products read off its source, evaluated for the launch's argument values);
 - the launched configuration is one of the kernel file's `aot_specs()`, so that
   tests/test_triton_aot.py's shared-memory, spill and compile checks cover what really runs;
-- no allocation of B x N x N elements or more (N the aligned token count), inputs and their
-  gradients aside.
+- no allocation of B x N x N elements or more (N the aligned token count) that runs over the
+  tokens twice (_similarity_sized).
 
-The ops' bodies run on meta tensors in place of their fake implementations, so the launchers
-compute every grid and allocate (nothing) exactly as on a GPU, with an H100's SM count
-(projection._INTERPRETER_SMS).
+Triton: the ops' bodies run on meta tensors in place of their fake implementations, so the
+launchers compute every grid and allocate (nothing) exactly as on a GPU, with an H100's SM count
+(projection._INTERPRETER_SMS). CUDA: its kernels are launched from C++, so the audit records the
+repa_fast::cuda_* ops the backend calls (their fakes run) and derives each op's kernel launches and
+its largest internal buffer from csrc's launchers (CUDA_LAUNCHES, which cites them); the library
+loaded is csrc/ops.cpp's host-emulation build (tests/test_cuda_backend.py), same op definitions.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
-from repa_fast import backends  # noqa: E402
+from repa_fast import backends, cuda_backend  # noqa: E402
 from repa_fast.cli import bench_cases  # noqa: E402
 from repa_fast.kernels import manifold, projection  # noqa: E402
 
@@ -42,6 +45,7 @@ GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 # bf16: the fp16-operand configurations (fp16 activations launch the same ones); fp32: the exact
 # (ieee) ones, with the smallest tiles and so the largest grids.
 DTYPES = (torch.bfloat16, torch.float32)
+BACKENDS = ("triton", "cuda")
 
 
 def _cases() -> List[bench_cases.Case]:
@@ -143,11 +147,15 @@ class Recorder(TorchDispatchMode):
 
     launches: List[Launch] = field(default_factory=list)
     allocations: List[Tuple[int, ...]] = field(default_factory=list)
+    cuda_ops: List[Tuple[str, tuple]] = field(default_factory=list)
 
     def __post_init__(self):
         super().__init__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, name = func.name().split("::")
+        if namespace == "repa_fast" and name.startswith("cuda_"):
+            self.cuda_ops.append((name, args))
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
@@ -169,9 +177,12 @@ def _kernels():
 
 @pytest.fixture(scope="module")
 def audit():
-    """{(case name, dtype): Recorder} for every case, on meta tensors."""
+    """{(case, dtype, backend): Recorder} for every case, on meta tensors."""
+    from test_cuda_backend import build_host_emulation
+    cuda_backend.load_library(build_host_emulation())
     results = {}
     with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(backends._loaded, "cuda", (cuda_backend, ""))
         recorder_slot = {}
         for kernel in _kernels():
             patch.setattr(kernel, "run", lambda *a, _k=kernel, **kw: recorder_slot["now"].launcher(_k)(*a, **kw))
@@ -184,39 +195,42 @@ def audit():
         meta = torch.device("meta")
         for case in _cases():
             for dtype in DTYPES:
-                workload = bench_cases.make_workload(case, "triton", meta, dtype)
-                recorder_slot["now"] = recorder = Recorder()
-                with recorder:
-                    workload.run()
-                results[case, dtype] = recorder
+                for backend in BACKENDS:
+                    workload = bench_cases.make_workload(case, backend, meta, dtype)
+                    recorder_slot["now"] = recorder = Recorder()
+                    with recorder:
+                        workload.run()
+                    results[case, dtype, backend] = recorder
     return results
 
 
 CASE_IDS = [case.name for case in _cases()]
 
 
-def _recorders(audit, name):
-    return [(dtype, rec) for (case, dtype), rec in audit.items() if case.name == name]
+def _recorders(audit, name, backend):
+    return [(dtype, rec) for (case, dtype, b), rec in audit.items() if case.name == name and b == backend]
 
 
 # ---------------------------------------------------------------- checks
 
+def _grid_errors(kernel: str, grid: Tuple[int, ...]) -> List[str]:
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    return [f"{kernel}: grid {grid}"] if any(not 1 <= g <= limit for g, limit in zip(grid, GRID_LIMITS)) else []
+
+
 @pytest.mark.parametrize("name", CASE_IDS)
-def test_grids_within_cuda_limits(audit, name):
+def test_triton_grids_within_cuda_limits(audit, name):
     bad = []
-    for dtype, rec in _recorders(audit, name):
+    for dtype, rec in _recorders(audit, name, "triton"):
         assert rec.launches, f"{name} {dtype}: no Triton launch was intercepted"
-        for launch in rec.launches:
-            grid = launch.grid + (1,) * (3 - len(launch.grid))
-            if any(not 1 <= g <= limit for g, limit in zip(grid, GRID_LIMITS)):
-                bad.append(f"{launch.name} {dtype}: grid {grid}")
+        bad += [f"{dtype}: {e}" for launch in rec.launches for e in _grid_errors(launch.name, launch.grid)]
     assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("name", CASE_IDS)
-def test_int32_offsets_stay_below_2_31(audit, name):
+def test_triton_int32_offsets_stay_below_2_31(audit, name):
     bad = []
-    for dtype, rec in _recorders(audit, name):
+    for dtype, rec in _recorders(audit, name, "triton"):
         for launch in rec.launches:
             assert launch.name in INT32_OFFSETS, f"{launch.name}: add its int32 offsets to INT32_OFFSETS"
             values = SimpleNamespace(grid=launch.grid, **launch.args)
@@ -261,7 +275,7 @@ def test_every_launched_configuration_is_compiled_ahead_of_time(audit, specs):
     """The AOT test checks compile, spills and shared memory (<= 227 KiB sm_90, 163 KiB sm_80) of
     the specs: each configuration that runs must be one of them."""
     missing = set()
-    for (case, dtype), rec in audit.items():
+    for (case, dtype, _), rec in audit.items():
         for launch in rec.launches:
             nearest = min((_differences(spec, launch) for spec in specs if spec["kernel"] == launch.name),
                           key=len, default=["no spec at all"])
@@ -270,22 +284,101 @@ def test_every_launched_configuration_is_compiled_ahead_of_time(audit, specs):
     assert not missing, "launched, but no aot_specs() entry; nearest spec differs in:\n" + "\n".join(sorted(missing))
 
 
-def _input_shapes(case: bench_cases.Case) -> set:
-    """Shapes of the inputs and of their token views: their gradients and casts are unavoidable."""
-    hidden = (case.batch, case.tokens, case.dim)
-    shapes = {hidden, (case.batch, case.target_tokens, case.target_dim), (case.target_dim, case.dim)}
-    if case.feature_map:
-        side = math.isqrt(case.tokens)
-        shapes.add((case.batch, case.dim, side, side))
-    return shapes
+def _similarity_sized(case: bench_cases.Case, shape: Tuple[int, ...]) -> bool:
+    """A buffer of B x N x N elements or more that runs over tokens twice (two dimensions after the
+    batch of at least N that are not a feature width): a similarity matrix or a slab of one as
+    large. Token buffers (B, N, E), their transposes and the resampling's (B, E, h, w) are not."""
+    tokens = min(case.tokens, case.target_tokens)
+    widths = {case.dim, case.target_dim}
+    token_dims = [d for d in shape[1:] if d >= tokens and d not in widths]
+    return math.prod(shape) >= case.batch * tokens * tokens and len(token_dims) >= 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_no_allocation_of_b_n_n(audit, name, backend):
+    case = next(c for c in _cases() if c.name == name)
+    for dtype, rec in _recorders(audit, name, backend):
+        internal = [buffer for op, args in rec.cuda_ops for _, _, buffer in CUDA_LAUNCHES.get(op, _none)(*args)]
+        big = sorted({shape for shape in rec.allocations + internal if _similarity_sized(case, shape)})
+        assert not big, f"{name} {dtype}: B x N x N allocations (N = {min(case.tokens, case.target_tokens)}): {big}"
+
+
+# ---------------------------------------------------------------- the cuda backend's launches
+# Per op: [(kernel, grid, largest internal buffer)], as csrc's launchers compute them.
+LAYER_NORM_ROWS = 32         # csrc/kernels.h LAYER_NORM_ROWS; layer_norm.cu: blocks_for(B * S, ROWS)
+COSINE_ROWS = 8              # cosine.cu: blocks_for(rows, WARPS), 256 threads = 8 warps, a row each
+GATHER_THREADS = 256         # resample.cu: grid (dst_rows, batch, blocks_for(channels, THREADS))
+SHARED_OPTIN = 227 * 1024    # an H100's cudaDevAttrMaxSharedMemoryPerBlockOptin (manifold.cu's budget)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _gather(batch, dst_rows, channels):
+    return ("gather_rows_kernel", (dst_rows, batch, _cdiv(channels, GATHER_THREADS)), ())
+
+
+def _direct_smem(block_rows, tokens, with_grad):
+    """manifold.cu Tiles<BM>::smem_bytes."""
+    bn = 128 if block_rows == 16 else 64
+    round_up = lambda n, m: _cdiv(n, m) * m  # noqa: E731
+    scratch = round_up(block_rows * (bn + 4) * 4, 128)
+    operands = round_up(2 * max((2 * block_rows + 2 * bn) * (32 + 8), 32 * (bn + 8)), 128)
+    return scratch + operands + (2 * block_rows * (round_up(tokens, bn) + 8) if with_grad else 0)
+
+
+def _alignment_terms(z, t, manifold, gram, need_grad, half_precision):
+    """ops.cpp alignment_terms and manifold_terms."""
+    batch, tokens, dim = z.shape
+    launches = [("cosine_rows_forward_kernel", (_cdiv(batch * tokens, COSINE_ROWS),), ())]
+    if manifold and not gram:
+        block_rows = next((bm for bm in (64, 32, 16) if half_precision
+                           and _direct_smem(bm, tokens, need_grad) <= SHARED_OPTIN - 1024), 0)
+        if block_rows:
+            launches.append(("manifold_direct_kernel", (_cdiv(tokens, block_rows), batch), ()))
+        else:  # chunks of rows through cuBLAS: (B, rows, N) differences, 2^24 values at most
+            chunk = min(max(1, 2 ** 24 // (batch * tokens)), tokens)
+            launches.append(("chunked differences (cuBLAS)", (1,), (batch, chunk, tokens)))
+    return launches
+
+
+def _project(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps):
+    batch, tokens, dim = hidden.shape
+    launches = [("layer_norm_forward_kernel", (_cdiv(batch * tokens, LAYER_NORM_ROWS),), ())]
+    return launches + ([_gather(batch, cuda_backend._decode(step).dst_tokens, dim)] if step else [])
+
+
+def _project_backward(grad_z, hidden, ln_weight, proj_weight, y, mean, rstd, step, needs):
+    batch, tokens, dim = hidden.shape
+    if not any(needs[:3]):
+        return []
+    launches = [("layer_norm_backward_kernel", (_cdiv(batch * tokens, LAYER_NORM_ROWS),), ())]
+    return launches + ([_gather(batch, tokens, dim)] if step else [])  # transposed taps: a row per source token
+
+
+def _none(*args):
+    return []
+
+
+CUDA_LAUNCHES = {
+    "cuda_project": _project,
+    "cuda_project_backward": _project_backward,
+    "cuda_resample_tokens": lambda x, step: [_gather(x.shape[0], cuda_backend._decode(step).dst_tokens, x.shape[2])],
+    "cuda_alignment_terms": _alignment_terms,
+    "cuda_alignment_terms_backward": lambda z, t, *grads: [
+        ("cosine_rows_backward_kernel", (_cdiv(z.shape[0] * z.shape[1], COSINE_ROWS),), ())],
+}
 
 
 @pytest.mark.parametrize("name", CASE_IDS)
-def test_no_allocation_of_b_n_n(audit, name):
-    case = next(c for c in _cases() if c.name == name)
-    tokens = min(case.tokens, case.target_tokens)
-    limit = case.batch * tokens * tokens
-    exempt = _input_shapes(case)
-    for dtype, rec in _recorders(audit, name):
-        big = [shape for shape in rec.allocations if math.prod(shape) >= limit and shape not in exempt]
-        assert not big, f"{name} {dtype}: allocations of >= B*N*N = {limit} elements: {sorted(set(big))}"
+def test_cuda_grids_within_cuda_limits(audit, name):
+    bad = []
+    for dtype, rec in _recorders(audit, name, "cuda"):
+        ops = {op for op, _ in rec.cuda_ops}
+        assert ops, f"{name} {dtype}: the cuda backend called no repa_fast::cuda_* op"
+        assert ops <= set(CUDA_LAUNCHES), f"add {sorted(ops - set(CUDA_LAUNCHES))} to CUDA_LAUNCHES"
+        bad += [f"{dtype}: {e}" for op, args in rec.cuda_ops for kernel, grid, _ in CUDA_LAUNCHES[op](*args)
+                for e in _grid_errors(kernel, grid)]
+    assert not bad, "\n".join(bad)

@@ -24,7 +24,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Tuple
 
@@ -141,16 +141,15 @@ class Launch:
         return self.kernel.__name__
 
 
-@dataclass
 class Recorder(TorchDispatchMode):
-    """Every Triton launch (kept, never run) and the shape of every tensor an op produces."""
+    """Every Triton launch (kept, never run), every repa_fast::cuda_* op call, and the shape of
+    every tensor an op produces."""
 
-    launches: List[Launch] = field(default_factory=list)
-    allocations: List[Tuple[int, ...]] = field(default_factory=list)
-    cuda_ops: List[Tuple[str, tuple]] = field(default_factory=list)
-
-    def __post_init__(self):
+    def __init__(self):
         super().__init__()
+        self.launches: List[Launch] = []
+        self.cuda_ops: List[Tuple[str, tuple]] = []
+        self.allocations: List[Tuple[int, ...]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         namespace, name = func.name().split("::")
@@ -162,12 +161,12 @@ class Recorder(TorchDispatchMode):
                 self.allocations.append(tuple(t.shape))
         return out
 
-    def launcher(self, kernel):
-        def run(*args, grid, warmup, num_warps=4, num_stages=3, **kwargs):
-            assert not callable(grid), f"{kernel.__name__}: the audit takes tuple grids only"
-            bound = dict(zip(kernel.arg_names, args), **kwargs)
-            self.launches.append(Launch(kernel, tuple(grid), bound, kwargs, num_warps, num_stages))
-        return run
+    def launch(self, kernel, *args, grid, warmup, num_warps=4, num_stages=3, **constexprs):
+        """Stands in for `kernel.run` (what `kernel[grid](...)` calls): Triton's defaults for
+        num_warps and num_stages."""
+        assert not callable(grid), f"{kernel.__name__}: the audit takes tuple grids only"
+        bound = dict(zip(kernel.arg_names, args), **constexprs)
+        self.launches.append(Launch(kernel, tuple(grid), bound, constexprs, num_warps, num_stages))
 
 
 def _kernels():
@@ -183,9 +182,9 @@ def audit():
     results = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(backends._loaded, "cuda", (cuda_backend, ""))
-        recorder_slot = {}
+        current = {}
         for kernel in _kernels():
-            patch.setattr(kernel, "run", lambda *a, _k=kernel, **kw: recorder_slot["now"].launcher(_k)(*a, **kw))
+            patch.setattr(kernel, "run", lambda *a, _k=kernel, **kw: current["recorder"].launch(_k, *a, **kw))
         for module in KERNEL_MODULES:  # run the ops' bodies on meta tensors, not their fakes
             for op in {id(v): v for v in vars(module).values() if isinstance(v, CustomOpDef)}.values():
                 patch.setattr(op, "_abstract_fn", op._init_fn)
@@ -197,7 +196,7 @@ def audit():
             for dtype in DTYPES:
                 for backend in BACKENDS:
                     workload = bench_cases.make_workload(case, backend, meta, dtype)
-                    recorder_slot["now"] = recorder = Recorder()
+                    current["recorder"] = recorder = Recorder()
                     with recorder:
                         workload.run()
                     results[case, dtype, backend] = recorder

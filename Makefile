@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 SPEC_FILE := $(VENV)/.torch-spec
 TORCH_STAMP := $(VENV)/.torch-installed
 
-.PHONY: demo test bench clean FORCE
+.PHONY: demo test bench clean FORCE triton-matrix triton-leg cuda-extension
 
 # Rewritten only when TORCH_SPEC differs from the recorded one: then its newer time makes torch reinstall.
 $(SPEC_FILE): FORCE
@@ -41,5 +41,55 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/repa-fast bench $(if $(DEVICE),--device $(DEVICE)) --quick --out bench_out
 
+# ---------------------------------------------------------------- the triton matrix (CI)
+# Every supported triton (README "Supported stacks"): `make test` runs the newest; each leg here
+# runs the AOT compile test (sm_80 + sm_90) under an older one and, under the oldest, the
+# interpreter parity suites too (its interpreter needs numpy < 2.4). One leg alone:
+# `make triton-leg TRITON=3.6.0`. Each leg has its venv, .venv-triton-<version>: TORCH_SPEC's
+# torch plus that triton, made once.
+TRITON_MATRIX ?= 3.6.0 3.7.1 3.8.0
+TRITON_OLDEST := 3.6.0
+TRITON ?= $(TRITON_OLDEST)
+LEG_VENV := .venv-triton-$(TRITON)
+LEG_NUMPY := $(if $(filter $(TRITON_OLDEST),$(TRITON)),numpy<2.4,numpy)
+LEG_TESTS := tests/test_triton_aot.py $(if $(filter $(TRITON_OLDEST),$(TRITON)),$(filter-out tests/test_triton_aot.py,$(wildcard tests/test_triton_*.py)))
+
+$(LEG_VENV)/.installed: setup.py
+	test -x $(LEG_VENV)/bin/python || $(PYTHON) -m venv $(LEG_VENV)
+	$(LEG_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "triton==$(TRITON)" "$(LEG_NUMPY)" pytest setuptools
+	$(LEG_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+triton-leg: $(LEG_VENV)/.installed
+	@echo "== triton $(TRITON): $(LEG_TESTS)"
+	$(LEG_VENV)/bin/python -m pytest -q $(LEG_TESTS)
+
+# Runs every leg, even after one fails, then fails if any did.
+triton-matrix:
+	@failed=""; for version in $(TRITON_MATRIX); do \
+	  start=$$(date +%s); \
+	  $(MAKE) --no-print-directory triton-leg TRITON=$$version || failed="$$failed $$version"; \
+	  echo "== triton $$version: $$(( $$(date +%s) - start )) s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "triton legs failed:$$failed"; exit 1; fi
+
+# ---------------------------------------------------------------- the CUDA extension (CI)
+# setup.py builds repa_fast._cuda against a CUDA torch (CUDA_TORCH_SPEC: torch 2.14.1 is a CUDA
+# 13.0 build, on this machine's disk) with the local nvcc, no GPU needed; the test loads it and
+# checks its ops' schemas. The venv (.venv-cuda, ~5.5 GB) is made once; the build runs each time.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+
+$(CUDA_VENV)/.installed:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)" numpy pytest setuptools ninja
+	touch $@
+
+cuda-extension: $(CUDA_VENV)/.installed
+	CUDA_HOME=$(CUDA_HOME) REPA_FAST_BUILD_CUDA=1 $(CUDA_VENV)/bin/python -m pip install -q --no-deps \
+	  --no-build-isolation -e .
+	$(CUDA_VENV)/bin/python -m pytest -q tests/test_cuda_extension.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info bench_out .pytest_cache .benchmarks
+	rm -rf $(VENV) .venv-triton-* $(CUDA_VENV) build *.egg-info bench_out .pytest_cache .benchmarks

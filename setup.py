@@ -9,9 +9,20 @@ from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
 
+
+def load_module(name: str, path: Path):
+    """A standard-library-only module of this tree, loaded without importing the package (torch)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The supported range (README "Supported stacks"): torch 2.11 and its triton 3.6 to the newest.
+stacks = load_module("repa_fast_stacks", HERE / "repa_fast" / "stacks.py")
 test_extras = ["pytest", "pytest-benchmark", "hypothesis"]
 extras = {
-    "triton": ["triton"],
+    "triton": [stacks.requirement("triton", stacks.MIN_TRITON)],
     "diffusers": ["diffusers", "transformers", "safetensors"],
     "bench": ["matplotlib"],
 }
@@ -25,9 +36,7 @@ def cuda_extension_args() -> dict:
     available. Without torch importable here (pip's build isolation) the package installs without
     the extension, and says so.
     """
-    spec = importlib.util.spec_from_file_location("repa_fast_csrc_build", HERE / "csrc" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_module("repa_fast_csrc_build", HERE / "csrc" / "build.py")
     try:
         import torch
         from torch.utils import cpp_extension
@@ -61,7 +70,7 @@ setup(
     python_requires=">=3.11",
     packages=["repa_fast", "repa_fast.integrations", "repa_fast.cli", "repa_fast.kernels"],
     package_dir={"repa_fast": "repa_fast", "repa_fast.kernels": "kernels"},
-    install_requires=["torch", "numpy"],
+    install_requires=[stacks.requirement("torch", stacks.MIN_TORCH), "numpy"],
     extras_require=extras,
     entry_points={"console_scripts": ["repa-fast=repa_fast.cli:main"]},
     **cuda_extension_args(),

@@ -6,7 +6,8 @@ Each kernel module in repa_fast.kernels exposes `aot_specs()`, yielding dicts wi
 name, fn, signature, constexprs, num_warps, num_stages, tensor_cores (True when the kernel's
 tl.dot must become wgmma/mma) and optionally attrs (the divisibility hints the JIT derives from
 aligned, contiguous arguments, so the variant compiled is the one a GPU runs). Run as a script — triton.compile needs triton imported without
-the interpreter — it prints one JSON object per spec and target.
+the interpreter — it prints one JSON object per spec and target; with --list, one per spec, what
+it specialises (kernel, pointer types, constexprs, warps, stages), compiling nothing.
 """
 import importlib
 import json
@@ -48,7 +49,18 @@ def compile_spec(spec, cc):
             "shared_bytes": kernel.metadata.shared, "tensor_core_ops": "wgmma" in ptx or "mma.sync" in ptx}
 
 
+def spec_key(spec):
+    """What a launch must match to be this configuration (tests/test_launch_audit.py)."""
+    return {"kernel": spec["fn"].__name__, "num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+            "constexprs": spec["constexprs"],
+            "pointers": {k: v for k, v in spec["signature"].items() if v.startswith("*")}}
+
+
 def main():
+    if sys.argv[1:] == ["--list"]:
+        for spec in all_specs():
+            print(json.dumps(spec_key(spec)), flush=True)
+        return
     for spec in all_specs():
         for cc in (80, 90):
             row = {"name": spec["name"], "cc": cc, "tensor_cores_required": bool(spec["tensor_cores"])}

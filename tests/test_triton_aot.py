@@ -33,6 +33,16 @@ def test_no_register_spills(reports):
     assert not spilled, "\n".join(spilled)
 
 
+# Shared memory a block may use (opt-in maximum): H100/H200 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
+SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def test_shared_memory_fits(reports):
+    over = [f"{r['name']} sm_{r['cc']}: {r['shared_bytes']} bytes > {SHARED_MEMORY_LIMITS[r['cc']]}"
+            for r in reports if "error" not in r and r["shared_bytes"] > SHARED_MEMORY_LIMITS[r["cc"]]]
+    assert not over, "\n".join(over)
+
+
 def test_tile_gemms_use_tensor_cores(reports):
     missing = [f"{r['name']} sm_{r['cc']}" for r in reports
                if r["tensor_cores_required"] and "error" not in r and not r["tensor_core_ops"]]

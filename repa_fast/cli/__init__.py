@@ -8,21 +8,24 @@ from typing import List, Optional
 
 import torch
 
-from .. import __version__
+from .. import __version__, stacks
 from ..backends import BACKENDS, _why_not, triton_interpreter_active
 
 
-def _version_of(module: str) -> str:
+def _version_of(module: str) -> Optional[str]:
     try:
         return __import__(module).__version__
     except ImportError:
-        return "not installed"
+        return None
 
 
 def info() -> str:
     """Versions, devices and which backend can run where, with the reason when one cannot."""
+    triton = _version_of("triton")
     lines = [f"repa-fast {__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"triton {_version_of('triton')}" + (" (interpreter: TRITON_INTERPRET=1)" if triton_interpreter_active() else "")]
+             f"triton {triton or 'not installed'}" + (" (interpreter: TRITON_INTERPRET=1)" if triton_interpreter_active() else ""),
+             f"supported: {stacks.supported_range()}; installed: {stacks.check('torch', torch.__version__)}, "
+             f"{stacks.check('triton', triton)}"]
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

@@ -559,9 +559,9 @@ class GemmConfig:
 GEMM_CONFIGS = {
     ("fwd", "fp16"): GemmConfig(128, 128, 64, 8, 3),
     ("fwd", "tf32"): GemmConfig(128, 128, 32, 8, 3),
-    ("fwd", "ieee"): GemmConfig(64, 64, 16, 4, 3),
+    ("fwd", "ieee"): GemmConfig(64, 64, 16, 4, 2),
     ("dx", "fp16"): GemmConfig(128, 128, 32, 8, 3),
-    ("dx", "tf32"): GemmConfig(128, 128, 32, 8, 3),
+    ("dx", "tf32"): GemmConfig(128, 128, 16, 8, 3),
     ("dx", "ieee"): GemmConfig(64, 64, 16, 4, 3),
     ("dw", "fp16"): GemmConfig(128, 128, 32, 8, 3),
     ("dw", "tf32"): GemmConfig(128, 128, 32, 8, 3),

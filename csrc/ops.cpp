@@ -248,9 +248,9 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool n
     return {partial.sum() / count, grad};
   }
   // Chunks of rows i: (B, rows, N) float32 differences (S_i D^T + D_i S^T) / 2, at most 2^24 values
-  // (64 MiB) at a time.
+  // (64 MiB) at a time and fewer rows than N (never the whole B x N x N).
   const Tensor zn = need_grad ? (s.to(at::kFloat) + d.to(at::kFloat)).mul_(0.5).to(pairs.scalar_type()) : Tensor();
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / (batch * tokens));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(tokens - 1, (int64_t(1) << 24) / (batch * tokens)));
   Tensor total = at::zeros({}, f32);
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t length = std::min(chunk, tokens - start);

@@ -469,9 +469,10 @@ GRAM_TILES = {2: (Tile(64, 32, 8, 3), Tile(32, 32, 4, 3)), 4: (Tile(32, 16, 4, 3
 GRAM_GRAD_TILES = {(2, 2): (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
                    (2, 4): (Tile(128, 16, 8, 3), Tile(64, 32, 4, 3)),
                    (4, 4): (Tile(32, 32, 4, 3),)}
-ROW_BLOCK = dict(BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)     # _row_stats_kernel
-FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4)     # _finish_kernel
-MEANS_BLOCK = dict(rows_per_part=512, BLOCK_ROWS=16, BLOCK_E=128, num_warps=4)    # _column_means_kernel
+# Streaming kernels (no tl.dot): one stage, no software pipelining (launchers and specs read these).
+ROW_BLOCK = dict(BLOCK_ROWS=16, BLOCK_E=128, num_warps=4, num_stages=1)     # _row_stats_kernel
+FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4, num_stages=1)     # _finish_kernel
+MEANS_BLOCK = dict(rows_per_part=512, BLOCK_ROWS=16, BLOCK_E=128, num_warps=4, num_stages=1)    # _column_means_kernel
 
 
 def pick_tile(tiles: Tuple[Tile, ...], device: torch.device, programs) -> Tile:
@@ -578,7 +579,8 @@ def _column_means(z, t, nz, nt):
     parts = torch.empty((batch, n_parts, 2, dim), device=z.device, dtype=torch.float32)
     _column_means_kernel[(n_parts, triton.cdiv(dim, MEANS_BLOCK["BLOCK_E"]), batch)](
         z, t, nz, nt, parts, tokens, dim, rows_per_part, *z.stride(), *t.stride(), BLOCK_ROWS=MEANS_BLOCK["BLOCK_ROWS"],
-        BLOCK_E=MEANS_BLOCK["BLOCK_E"], num_warps=MEANS_BLOCK["num_warps"])
+        BLOCK_E=MEANS_BLOCK["BLOCK_E"], num_warps=MEANS_BLOCK["num_warps"],
+        num_stages=MEANS_BLOCK["num_stages"])
     return parts.sum(1)
 
 
@@ -781,13 +783,13 @@ def aot_specs() -> List[dict]:
                                    dict(BLOCK_ROWS=ROW_BLOCK["BLOCK_ROWS"], BLOCK_E=ROW_BLOCK["BLOCK_E"], EPS=EPS,
                                         WRITE_ZN=write_zn, WRITE_SUM_DIFF=write_sum_diff,
                                         WRITE_ALIGN_GRAD=write_align_grad),
-                                   ROW_BLOCK["num_warps"], 1, False))
+                                   ROW_BLOCK["num_warps"], ROW_BLOCK["num_stages"], False))
         specs.append(_spec("manifold_column_means", _column_means_kernel, dtypes,
                            dict(BLOCK_ROWS=MEANS_BLOCK["BLOCK_ROWS"], BLOCK_E=MEANS_BLOCK["BLOCK_E"]),
-                           MEANS_BLOCK["num_warps"], 1, False))
+                           MEANS_BLOCK["num_warps"], MEANS_BLOCK["num_stages"], False))
         specs.append(_spec("manifold_finish", _finish_kernel, dict(z=z_dtype),
                            dict(BLOCK_M=FINISH_BLOCK["BLOCK_M"], BLOCK_E=FINISH_BLOCK["BLOCK_E"], EPS=EPS),
-                           FINISH_BLOCK["num_warps"], 1, False))
+                           FINISH_BLOCK["num_warps"], FINISH_BLOCK["num_stages"], False))
         for precision in (("ieee", "tf32") if operand == torch.float32 else ("tf32",)):
             tensor_cores = precision != "ieee"
             for tile in TILES[operand.itemsize]:

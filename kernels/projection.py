@@ -567,6 +567,15 @@ GEMM_CONFIGS = {
     ("dw", "tf32"): GemmConfig(128, 128, 32, 8, 3),
     ("dw", "ieee"): GemmConfig(64, 64, 16, 4, 3),
 }
+# Rows read in place from a UNet feature map (U-REPA; token stride 1, feature stride H W): with the
+# tiles above, dx's fused LayerNorm epilogue and the 16-bit forward reach 255 registers and a stack
+# (8 B to 1.4 KiB, sm_80 and sm_90, triton 3.9); these tiles do not.
+FEATURE_MAP_GEMM_CONFIGS = {
+    ("fwd", "fp16"): GemmConfig(128, 128, 32, 8, 3),
+    ("dx", "fp16"): GemmConfig(64, 64, 32, 8, 3),
+    ("dx", "tf32"): GemmConfig(64, 64, 32, 8, 3),
+    ("dx", "ieee"): GemmConfig(64, 64, 32, 8, 3),
+}
 GROUP_M = 8
 ROW_BLOCK = (32, 128, 4)  # BLOCK_ROWS, BLOCK_D, num_warps of the row kernels
 FINISH_BLOCK = 256
@@ -613,6 +622,20 @@ def dw_split(rows: int, e_dim: int, d_dim: int, config: GemmConfig, device: torc
 # =============================================================================================
 # launchers
 # =============================================================================================
+
+def gemm_config(kind: str, operands: str, feature_map: bool) -> GemmConfig:
+    """The tile configuration of GEMM `kind` ("fwd", "dx", "dw") for rows read contiguously or, with
+    `feature_map`, in place from a feature map (`_is_feature_map`)."""
+    if feature_map:
+        return FEATURE_MAP_GEMM_CONFIGS.get((kind, operands), GEMM_CONFIGS[kind, operands])
+    return GEMM_CONFIGS[kind, operands]
+
+
+def _is_feature_map(x: torch.Tensor) -> bool:
+    """(B, N, D) rows with token stride 1 and another feature stride: the layout the JIT
+    specialises as a feature map read in place."""
+    return x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) != 1
+
 
 def _strides3(x: torch.Tensor) -> Tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
@@ -699,7 +722,7 @@ def _projection_forward(x, x_stats, w_folded, folded, t: Optional[torch.Tensor],
     e_dim = w_folded.shape[0]
     rows = batch * tokens
     operands = operand_class(x.dtype)
-    config = GEMM_CONFIGS["fwd", operands]
+    config = gemm_config("fwd", operands, _is_feature_map(x))
     tiles_e = triton.cdiv(e_dim, config.block_n)
     z = torch.empty(batch, tokens, e_dim, device=x.device, dtype=z_dtype)
     row_sums = torch.empty(tiles_e if t is not None else 0, 3, rows, device=x.device, dtype=torch.float32)
@@ -769,7 +792,7 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
     grad_hidden = torch.empty_like(hidden)
     fuse_ln = step is None
     out = grad_hidden if fuse_ln else torch.empty(batch, tokens, dim, **f32)
-    config = GEMM_CONFIGS["dx", operands]
+    config = gemm_config("dx", operands, fuse_ln and _is_feature_map(x))
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(dim, config.block_n),)
     _projection_dx_kernel[grid](
         dz, z, t_arg, alpha_arg, beta_arg, dz_scale, w_folded, folded, x, x_stats[0], x_stats[1], out,
@@ -1094,10 +1117,20 @@ _TOKEN_STRIDES = ("stride_xb", "stride_xs", "stride_xn", "stride_tb", "stride_tn
 _UNIT_STRIDES = ("stride_xd", "stride_te", "stride_ze", "stride_dze", "stride_od", "stride_wd")
 
 
-def _contiguous(fn) -> Dict[str, Tuple[str, ...]]:
+# U-REPA's UNet feature maps (B, D, H, W) are read in place as (B, H W, D) rows, and the hidden
+# gradient (torch.empty_like) has their layout: the token strides of X and Out are 1, their
+# feature strides H W (a multiple of 16 at the sizes UNets use).
+_FEATURE_MAP_TOKEN_STRIDES = ("stride_xs", "stride_xn", "stride_os", "stride_on")
+_FEATURE_MAP_FEATURE_STRIDES = ("stride_xd", "stride_od")
+
+
+def _contiguous(fn, feature_map: bool = False) -> Dict[str, Tuple[str, ...]]:
     names = set(fn.arg_names)
-    return {"unit": tuple(n for n in _UNIT_STRIDES if n in names),
-            "divisible": tuple(n for n in _TOKEN_STRIDES + ("D", "E", "rows_per_split") if n in names)}
+    unit, divisible = _UNIT_STRIDES, _TOKEN_STRIDES + ("D", "E", "rows_per_split")
+    if feature_map:
+        unit = tuple(n for n in unit if n not in _FEATURE_MAP_FEATURE_STRIDES) + _FEATURE_MAP_TOKEN_STRIDES
+        divisible = tuple(n for n in divisible if n not in _FEATURE_MAP_TOKEN_STRIDES) + _FEATURE_MAP_FEATURE_STRIDES
+    return {"unit": tuple(n for n in unit if n in names), "divisible": tuple(n for n in divisible if n in names)}
 
 
 def aot_specs() -> Iterator[Dict[str, object]]:
@@ -1107,14 +1140,16 @@ def aot_specs() -> Iterator[Dict[str, object]]:
     row_blocks = {"BLOCK_ROWS": rows, "BLOCK_D": block_d}
     for act in ACTIVATION_DTYPES:
         a, o, tag = _PTR[act], _PTR[operand_dtype(act)], _short(act)
-        yield _spec(_ln_stats_kernel, {"X": a, "Mean": f32, "Rstd": f32}, row_blocks, warps, tag=tag,
-                    **_contiguous(_ln_stats_kernel))
-        yield _spec(_resample_normalized_kernel, {"X": a, "Mean": f32, "Rstd": f32, "TapIndex": "*i64",
-                                                  "TapWeight": f32, "Out": o}, row_blocks, warps, tag=tag,
-                    **_contiguous(_resample_normalized_kernel))
-        yield _spec(_ln_backward_rows_kernel, {"GradXhat": f32, "AdjIndex": "*i64", "AdjWeight": f32, "X": a,
-                                               "Mean": f32, "Rstd": f32, "DX": a}, row_blocks, warps, tag=tag,
-                    **_contiguous(_ln_backward_rows_kernel))
+        for feature_map in (False, True):  # the hidden rows: contiguous, or a UNet feature map in place
+            layout = f"{tag},feature_map" if feature_map else tag
+            yield _spec(_ln_stats_kernel, {"X": a, "Mean": f32, "Rstd": f32}, row_blocks, warps, tag=layout,
+                        **_contiguous(_ln_stats_kernel, feature_map))
+            yield _spec(_resample_normalized_kernel, {"X": a, "Mean": f32, "Rstd": f32, "TapIndex": "*i64",
+                                                      "TapWeight": f32, "Out": o}, row_blocks, warps, tag=layout,
+                        **_contiguous(_resample_normalized_kernel, feature_map))
+            yield _spec(_ln_backward_rows_kernel, {"GradXhat": f32, "AdjIndex": "*i64", "AdjWeight": f32, "X": a,
+                                                   "Mean": f32, "Rstd": f32, "DX": a}, row_blocks, warps,
+                        tag=layout, **_contiguous(_ln_backward_rows_kernel, feature_map))
         for param in _param_dtypes(act):
             p = _PTR[param]
             yield _spec(_fold_params_kernel, {"W": p, "Gamma": p, "Beta": p, "Bias": p, "WFolded": o, "Folded": f32},
@@ -1137,8 +1172,8 @@ def aot_specs() -> Iterator[Dict[str, object]]:
         a, o = _PTR[act], _PTR[operand_dtype(act)]
         base = f"{_short(act)},{operands}"
 
-        def gemm(kind):
-            config = GEMM_CONFIGS[kind, operands]
+        def gemm(kind, feature_map=False):
+            config = gemm_config(kind, operands, feature_map)
             return dict(num_warps=config.num_warps, num_stages=config.num_stages, tensor_cores=operands != "ieee"), \
                 {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "OPERANDS": operands}
         # forward: repa_loss (z in the operand dtype, row sums) / aligned_projection (z fp32)
@@ -1151,29 +1186,42 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                             dict(blocks, ROW_SUMS=row_sums, GROUP_M=GROUP_M), **options,
                             tag=f"{base},x={x[1:]},t={t[1:]},row_sums={row_sums}",
                             **_contiguous(_projection_fwd_kernel))
+        # U-REPA (aligned_projection: z fp32, no row sums) on a feature map read in place, not resampled
+        options, blocks = gemm("fwd", feature_map=True)
+        yield _spec(_projection_fwd_kernel, {"X": a, "Mean": f32, "Rstd": f32, "WFolded": o, "Folded": f32,
+                                             "T": f32, "Z": f32, "RowSums": f32},
+                    dict(blocks, ROW_SUMS=False, GROUP_M=GROUP_M), **options,
+                    tag=f"{base},x={a[1:]},t=fp32,row_sums=False,feature_map",
+                    **_contiguous(_projection_fwd_kernel, feature_map=True))
         # backward: dL/dz from the cosine terms (z in the operand dtype, t in the hidden dtype or fp32)
         # or handed in (fp32, aligned_projection's z)
         for from_cosine, t in [(True, t) for t in targets] + [(False, f32)]:
             dz_ptrs = ({"DZ": o, "Z": o, "T": t, "Alpha": f32, "Beta": f32} if from_cosine else
                        {"DZ": f32, "Z": f32, "T": f32, "Alpha": f32, "Beta": f32})
-            options, blocks = gemm("dx")
-            for fuse_ln in (True, False):  # fused: the hidden rows; else the resampled ones (X unused)
+            # fused: the hidden rows, also U-REPA's feature maps in place (dL/dz handed in); else the
+            # resampled rows (X unused)
+            feature_map = [] if from_cosine else [(True, True)]
+            for fuse_ln, in_place in [(True, False)] + feature_map + [(False, False)]:
+                options, blocks = gemm("dx", in_place)
                 yield _spec(_projection_dx_kernel,
                             dict(dz_ptrs, DzScale=f32, WFolded=o, Folded=f32, X=a if fuse_ln else o, Mean=f32,
                                  Rstd=f32, Out=a if fuse_ln else f32),
                             dict(blocks, DZ_FROM_COSINE=from_cosine, FUSE_LN=fuse_ln, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}",
-                            **_contiguous(_projection_dx_kernel))
+                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}"
+                                + (",feature_map" if in_place else ""),
+                            **_contiguous(_projection_dx_kernel, in_place))
             options, blocks = gemm("dw")
-            for x in sorted({a, o}):
+            feature_map = [] if from_cosine else [(a, True)]
+            for x, in_place in [(x, False) for x in sorted({a, o})] + feature_map:
                 for param in _param_dtypes(act):
                     p = _PTR[param]
                     yield _spec(_projection_dw_kernel,
                                 dict(dz_ptrs, DzScale=f32, Folded=f32, X=x, Mean=f32, Rstd=f32, W=p, Gamma=p, Beta_ln=p, DW=p,
                                      Db=f32, DGammaPart=f32, GPart=f32, DbPart=f32),
                                 dict(blocks, DZ_FROM_COSINE=from_cosine), **options,
-                                tag=f"{base},x={x[1:]},param={_short(param)},t={t[1:]},from_cosine={from_cosine}",
-                                **_contiguous(_projection_dw_kernel))
+                                tag=f"{base},x={x[1:]},param={_short(param)},t={t[1:]},from_cosine={from_cosine}"
+                                    + (",feature_map" if in_place else ""),
+                                **_contiguous(_projection_dw_kernel, in_place))
     for param in ACTIVATION_DTYPES:
         yield _spec(_weight_t_vec_kernel, {"W": _PTR[param], "V": f32, "Out": f32},
                     {"BLOCK_E": VEC_BLOCK[0], "BLOCK_D": VEC_BLOCK[1]}, VEC_BLOCK[2], tag=_short(param),

@@ -103,13 +103,18 @@ INT32_OFFSETS: Dict[str, List[Tuple[str, Callable]]] = {
     "_row_stats_kernel": [("rows * stride_*n", lambda a: a.N * max(a.stride_zn, a.stride_tn)),
                           ("es * stride_*e", lambda a: a.E * max(a.stride_ze, a.stride_te)),
                           ("rows * E + es", lambda a: a.N * a.E)],
-    "_direct_tiles_kernel": [("rows * stride_*n", lambda a: a.N * max(a.stride_zn, a.stride_tn)),
-                             ("ks * stride_*e", lambda a: a.E * max(a.stride_ze, a.stride_te)),
+    # The operand-type copies SUM, DIFF and ZN are contiguous (B, N, E); D and G are row-chunk slabs.
+    "_direct_tiles_kernel": [("rows * E + ks, cols * E + ks (S, D rows; rows, cols < N + BLOCK)",
+                              lambda a: (a.N + a.BLOCK) * a.E + a.E),
                              ("(rows - row_start) * stride_dn + cols", lambda a: a.N * a.stride_dn + a.N),
                              ("loss_offset + pid", lambda a: a.n_loss_parts)],
     "_direct_grad_kernel": [("(rows - row_start) * stride_dn + ks", lambda a: a.N * a.stride_dn + a.N),
-                            ("ks * E + es, rows * E + es", lambda a: a.N * a.E),
-                            ("rows * stride_zn + es * stride_ze", lambda a: a.N * a.stride_zn + a.E * a.stride_ze)],
+                            ("ks * E + es (zn rows; ks < N + BLOCK_K)", lambda a: (a.N + a.BLOCK_K) * a.E + a.E),
+                            ("rows * stride_zn + es * stride_ze", lambda a: a.N * a.stride_zn + a.E * a.stride_ze),
+                            ("(rows - row_start) * stride_gn + es", lambda a: a.N * a.stride_gn + a.E)],
+    "_finish_kernel": [("(rows - row_start) * stride_gn + es", lambda a: a.N * a.stride_gn + a.E),
+                       ("rows * stride_zn + es * stride_ze", lambda a: a.N * a.stride_zn + a.E * a.stride_ze),
+                       ("rows * E + es", lambda a: a.N * a.E)],
     "_column_means_kernel": [("rows * stride_*n + es * stride_*e",
                               lambda a: a.N * max(a.stride_zn, a.stride_tn) + a.E * max(a.stride_ze, a.stride_te))],
     "_gram_kernel": [("ks * stride_*n + e * stride_*e",
@@ -119,9 +124,6 @@ INT32_OFFSETS: Dict[str, List[Tuple[str, Callable]]] = {
                            lambda a: a.N * max(a.stride_zn, a.stride_tn) + a.E * max(a.stride_ze, a.stride_te)),
                           ("(E + ks) * E + es", lambda a: 2 * a.E * a.E),
                           ("(rows - row_start) * stride_gn + es", lambda a: a.N * a.stride_gn + a.E)],
-    "_gram_finish_kernel": [("(rows - row_start) * stride_gn + es", lambda a: a.N * a.stride_gn + a.E),
-                            ("rows * E + es", lambda a: a.N * a.E),
-                            ("rows * stride_zn + es * stride_ze", lambda a: a.N * a.stride_zn + a.E * a.stride_ze)],
 }
 
 
@@ -337,8 +339,8 @@ def _alignment_terms(z, t, manifold, gram, need_grad, half_precision):
                            and _direct_smem(bm, tokens, need_grad) <= SHARED_OPTIN - 1024), 0)
         if block_rows:
             launches.append(("manifold_direct_kernel", (_cdiv(tokens, block_rows), batch), ()))
-        else:  # chunks of rows through cuBLAS: (B, rows, N) differences, 2^24 values at most
-            chunk = min(max(1, 2 ** 24 // (batch * tokens)), tokens)
+        else:  # chunks of rows through cuBLAS: (B, rows, N) differences, 2^24 values at most, rows < N
+            chunk = max(1, min(tokens - 1, 2 ** 24 // (batch * tokens)))
             launches.append(("chunked differences (cuBLAS)", (1,), (batch, chunk, tokens)))
     return launches
 

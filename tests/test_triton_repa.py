@@ -226,6 +226,20 @@ def test_forward_reads_a_feature_map_in_place_and_writes_no_layernorm_output(res
     assert 0 < probe.numel < feature_map.numel()
 
 
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_urepa_on_a_feature_map_in_place_takes_its_own_tiles(dtype, monkeypatch):
+    """A (B, C, h, w) map not resampled (U-REPA at the target's grid): the forward and the fused dx
+    GEMM read it in place with FEATURE_MAP_GEMM_CONFIGS' tiles, and match the float64 reference."""
+    inputs = projection_inputs(2, (4, 5), 24, 20, 8, dtype=dtype, feature_map=True, device=DEVICE)
+    asked = []
+    gemm_config = projection.gemm_config
+    monkeypatch.setattr(projection, "gemm_config",
+                        lambda kind, operands, feature_map: asked.append((kind, feature_map))
+                        or gemm_config(kind, operands, feature_map))
+    assert_matches_reference(rf.urepa_loss, inputs, backend="triton")
+    assert {("fwd", True), ("dx", True)} <= set(asked)
+
+
 def test_torch_compile_fullgraph_traces_the_ops():
     """The custom ops (fake impls, autograd) under torch.compile(fullgraph=True): repa_loss, and
     aligned_projection + cosine_alignment_loss as U-REPA uses them; same values as eager."""

@@ -65,22 +65,14 @@ Tensor matmul_f32(const Tensor& a, const Tensor& b) {
   return a.dim() == 3 ? at::bmm(a, b, at::kFloat) : at::mm(a, b, at::kFloat);
 }
 
-// a @ b for float32 operands with TF32 off: exact float32 whatever torch's matmul precision (a
-// global setting, restored on return). For the fused U-REPA head's projection: its manifold term
-// amplifies the GEMM's relative error of z as z approaches t.
+// a @ b for float32 operands with TF32 off whatever torch's matmul precision (at::NoTF32Guard: this
+// thread only, torch's settings untouched). For the fused U-REPA head's projection: its manifold
+// term amplifies the GEMM's relative error of z as z approaches t.
 Tensor matmul_ieee(const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
               "repa_fast cuda backend: matmul_ieee takes float32 operands, got ", a.scalar_type(), " and ",
               b.scalar_type());
-  if (!a.is_cuda()) return at::mm(a, b);
-  auto& context = at::globalContext();
-  const auto saved = context.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
-  context.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
-  struct Restore {
-    at::Context& context;
-    at::Float32Precision saved;
-    ~Restore() { context.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, saved); }
-  } restore{context, saved};
+  const at::NoTF32Guard no_tf32;
   return at::mm(a, b);
 }
 

@@ -43,7 +43,7 @@ int64_t offset_of(const TokenLayout& l, int64_t row) {
 Stream current_stream(int) { return nullptr; }
 
 Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout xl, const float* gamma, const float* beta, float eps,
-                          void* y, float* mean, float* rstd, Stream) {
+                          void* y, bool y_float32, float* mean, float* rstd, Stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xs = static_cast<const T*>(x);
@@ -55,9 +55,11 @@ Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout xl, const flo
       for (int64_t d = 0; d < xl.dim; ++d) sq += (to_f(xs[base + d * xl.sd]) - mu) * (to_f(xs[base + d * xl.sd]) - mu);
       mean[row] = mu;
       rstd[row] = 1.f / std::sqrt(sq / xl.dim + eps);
-      for (int64_t d = 0; d < xl.dim; ++d)
-        static_cast<GemmType<T>*>(y)[row * xl.dim + d] =
-            from_f<GemmType<T>>((to_f(xs[base + d * xl.sd]) - mu) * rstd[row] * gamma[d] + beta[d]);
+      for (int64_t d = 0; d < xl.dim; ++d) {
+        const float value = (to_f(xs[base + d * xl.sd]) - mu) * rstd[row] * gamma[d] + beta[d];
+        if (y_float32) static_cast<float*>(y)[row * xl.dim + d] = value;
+        else static_cast<GemmType<T>*>(y)[row * xl.dim + d] = from_f<GemmType<T>>(value);
+      }
     }
   });
 }

@@ -34,9 +34,10 @@ struct TokenLayout {
 constexpr Scalar gemm_dtype(Scalar activations) { return activations == Scalar::f32 ? Scalar::f32 : Scalar::f16; }
 
 // LayerNorm of every row of x: y = (x - mean) * rstd * gamma + beta, y (B*S, D) row-major in
-// gemm_dtype(dtype) (the GEMM's operand), mean and rstd (B*S) float32.
+// gemm_dtype(dtype) (the GEMM's operand), or float32 when y_float32; mean and rstd (B*S) float32.
 Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout x_layout, const float* gamma,
-                          const float* beta, float eps, void* y, float* mean, float* rstd, Stream stream);
+                          const float* beta, float eps, void* y, bool y_float32, float* mean, float* rstd,
+                          Stream stream);
 
 // Rows handled by one block of layer_norm_backward: the gamma/beta partial sums have
 // ceil(B*S / LAYER_NORM_ROWS) rows of D, summed (deterministically) by the caller.

@@ -57,12 +57,12 @@ __device__ void store_tile(T* __restrict__ out, const TokenLayout& layout, const
   }
 }
 
-// x: (B, S, D) strided; gamma, beta: (D,) fp32; y: (B*S, D) row-major in the GEMM's dtype;
+// x: (B, S, D) strided; gamma, beta: (D,) fp32; y: (B*S, D) row-major in Y (the GEMM's dtype or fp32);
 // mean, rstd: (B*S,) fp32.
-template <typename T>
+template <typename T, typename Y>
 __global__ void __launch_bounds__(THREADS, 2)
 layer_norm_forward_kernel(const T* __restrict__ x, TokenLayout layout, const float* __restrict__ gamma,
-                          const float* __restrict__ beta, float eps, GemmType<T>* __restrict__ y,
+                          const float* __restrict__ beta, float eps, Y* __restrict__ y,
                           float* __restrict__ mean, float* __restrict__ rstd) {
   __shared__ float tile[ROWS][COLS + 1];
   __shared__ int64_t offset[ROWS];
@@ -117,7 +117,7 @@ layer_norm_forward_kernel(const T* __restrict__ x, TokenLayout layout, const flo
     if (d < dim) {
       const float g = gamma[d], b = beta[d];
       for (int r = warp; r < valid_rows; r += WARPS)
-        y[(row0 + r) * dim + d] = from_float<GemmType<T>>((tile[r][lane] - row_mean[r]) * row_rstd[r] * g + b);
+        y[(row0 + r) * dim + d] = from_float<Y>((tile[r][lane] - row_mean[r]) * row_rstd[r] * g + b);
     }
     __syncthreads();
   }
@@ -227,12 +227,17 @@ layer_norm_backward_kernel(const T* __restrict__ x, TokenLayout layout, const fl
 }  // namespace
 
 Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout x_layout, const float* gamma, const float* beta,
-                          float eps, void* y, float* mean, float* rstd, Stream stream) {
+                          float eps, void* y, bool y_float32, float* mean, float* rstd, Stream stream) {
   const unsigned blocks = blocks_for(x_layout.batch * x_layout.tokens, ROWS);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    layer_norm_forward_kernel<T><<<blocks, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), x_layout, gamma, beta, eps, static_cast<GemmType<T>*>(y), mean, rstd);
+    const auto launch = [&](auto y_tag) {
+      using Y = decltype(y_tag);
+      layer_norm_forward_kernel<T, Y><<<blocks, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const T*>(x), x_layout, gamma, beta, eps, static_cast<Y*>(y), mean, rstd);
+    };
+    if (y_float32) launch(float{});
+    else launch(GemmType<T>{});
   });
 }
 

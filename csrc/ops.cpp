@@ -65,6 +65,17 @@ Tensor matmul_f32(const Tensor& a, const Tensor& b) {
   return a.dim() == 3 ? at::bmm(a, b, at::kFloat) : at::mm(a, b, at::kFloat);
 }
 
+// a @ b for float32 operands with TF32 off whatever torch's matmul precision (at::NoTF32Guard: this
+// thread only, torch's settings untouched). For the fused U-REPA head's projection: its manifold
+// term amplifies the GEMM's relative error of z as z approaches t.
+Tensor matmul_ieee(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
+              "repa_fast cuda backend: matmul_ieee takes float32 operands, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  const at::NoTF32Guard no_tf32;
+  return at::mm(a, b);
+}
+
 // out[b, r] = sum_j weight[j] * x[b, index[j]] over j in [offsets[r], offsets[r + 1]).
 Tensor gather(const Tensor& x, const Tensor& offsets, const Tensor& index, const Tensor& weight) {
   TORCH_CHECK(x.dim() == 3, "repa_fast cuda backend: gather needs (B, S, C) rows, got ", x.sizes());
@@ -114,33 +125,37 @@ std::tuple<Tensor, Tensor> scaled_half(const Tensor& x) {
 }
 
 // z = resample(LayerNorm(hidden)) @ W^T + b, float32: the GEMM takes operands of gemm_type(hidden)
-// (float16 for half-precision activations) with float32 accumulation; the bias is added in float32
+// (float16 for half-precision activations) with float32 accumulation, or with `fp32_gemm` float32
+// operands with TF32 off (matmul_ieee: the fused U-REPA head); the bias is added in float32
 // (rounding it would shift every row the same way). Also returns the GEMM's input y (B, N, D) in
-// that dtype and the LayerNorm statistics (B*S,) for the backward. Resampling is linear with
+// that operand dtype and the LayerNorm statistics (B*S,) for the backward. Resampling is linear with
 // weights summing to one, so it is applied before the GEMM (fewer rows).
 std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(const Tensor& hidden, const Tensor& ln_weight,
                                                               const Tensor& ln_bias, const Tensor& proj_weight,
                                                               const Tensor& proj_bias, const OptionalTensor& taps_offsets,
                                                               const OptionalTensor& taps_index,
-                                                              const OptionalTensor& taps_weight, double ln_eps) {
+                                                              const OptionalTensor& taps_weight, double ln_eps,
+                                                              bool fp32_gemm) {
   check_projection("cuda_projection_forward", hidden, ln_weight, proj_weight);
   TORCH_CHECK(ln_bias.numel() == hidden.size(2) && proj_bias.numel() == proj_weight.size(0),
               "cuda_projection_forward: ln_bias must be (D,) and proj_bias (E,)");
   check_device(hidden, {ln_weight, ln_bias, proj_weight, proj_bias});
   const c10::DeviceGuard guard(hidden.device());
   const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
-  const auto gemm = gemm_type(hidden);
+  const auto gemm = fp32_gemm ? at::kFloat : gemm_type(hidden);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const Tensor gamma = ln_weight.to(at::kFloat).contiguous(), beta = ln_bias.to(at::kFloat).contiguous();
   Tensor y = at::empty({batch, tokens, dim}, hidden.options().dtype(gemm));
   Tensor mean = at::empty({batch * tokens}, f32), rstd = at::empty({batch * tokens}, f32);
   check_ok(layer_norm_forward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), gamma.data_ptr<float>(),
-                              beta.data_ptr<float>(), static_cast<float>(ln_eps), y.data_ptr(), mean.data_ptr<float>(),
-                              rstd.data_ptr<float>(), stream_of(hidden)),
+                              beta.data_ptr<float>(), static_cast<float>(ln_eps), y.data_ptr(), fp32_gemm,
+                              mean.data_ptr<float>(), rstd.data_ptr<float>(), stream_of(hidden)),
            "layer_norm_forward");
   y = gather_if(y, taps_offsets, taps_index, taps_weight);
   const int64_t rows = y.size(1);
-  Tensor z = matmul_f32(y.view({batch * rows, dim}), proj_weight.to(gemm).t()).add_(proj_bias.to(at::kFloat));
+  const Tensor y_rows = y.view({batch * rows, dim}), weight_t = proj_weight.to(gemm).t();
+  Tensor z = (fp32_gemm ? matmul_ieee(y_rows, weight_t) : matmul_f32(y_rows, weight_t))
+                 .add_(proj_bias.to(at::kFloat));
   return {z.view({batch, rows, out_dim}), y, mean, rstd};
 }
 
@@ -148,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(const Tensor& hidd
 // proj_weight, proj_bias), undefined for the others. hidden's comes in its dtype and, when it is
 // dense, its strides; the parameters' come in float32 (the caller casts). The taps are the
 // transposed (scatter) taps of the forward's resampling. The products take dL/dz in y's dtype
-// (float16: scaled, see scaled_half) and give float32 results, which feed reductions (over rows for
+// (float16: scaled, see scaled_half; a float32 y of the fused head is cast to it) and give float32 results, which feed reductions (over rows for
 // W, over rows and features in the LayerNorm backward); b's gradient sums float32 dL/dz itself.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
     const Tensor& grad_z, const Tensor& hidden, const Tensor& ln_weight, const Tensor& proj_weight, const Tensor& y,
@@ -160,7 +175,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
   const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
   const int64_t rows = y.size(1);
   const auto gemm = gemm_type(hidden);
-  TORCH_CHECK(y.sizes() == at::IntArrayRef({batch, rows, dim}) && y.scalar_type() == gemm &&
+  TORCH_CHECK(y.sizes() == at::IntArrayRef({batch, rows, dim}) &&
+                  (y.scalar_type() == gemm || y.scalar_type() == at::kFloat) &&
                   grad_z.sizes() == at::IntArrayRef({batch, rows, out_dim}) && mean.numel() == batch * tokens &&
                   rstd.numel() == batch * tokens,
               "cuda_projection_backward: grad_z, y, mean and rstd do not match the forward's shapes and dtypes");
@@ -169,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
   if (gemm == at::kHalf) std::tie(operand, unscale) = scaled_half(gz);
   Tensor g_hidden, g_gamma, g_beta, g_weight, g_bias;
   if (needs[3]) {
-    g_weight = matmul_f32(operand.t(), y.reshape({batch * rows, dim}));
+    g_weight = matmul_f32(operand.t(), y.reshape({batch * rows, dim}).to(gemm));
     if (unscale.defined()) g_weight.mul_(unscale);
   }
   if (needs[4]) g_bias = gz.sum(0);
@@ -325,7 +341,8 @@ Tensor alignment_terms_backward(const Tensor& z, const Tensor& t, const Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(repa_fast, m) {
   m.def("cuda_projection_forward(Tensor hidden, Tensor ln_weight, Tensor ln_bias, Tensor proj_weight, "
-        "Tensor proj_bias, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, float ln_eps) "
+        "Tensor proj_bias, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, float ln_eps, "
+        "bool fp32_gemm) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_projection_backward(Tensor grad_z, Tensor hidden, Tensor ln_weight, Tensor proj_weight, Tensor y, "
         "Tensor mean, Tensor rstd, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, bool[5] needs) "

@@ -46,7 +46,9 @@ dtype (`operand_dtype`, `operand_class`) with fp32 accumulation:
   on the host (a sync per call, and no CUDA-graph capture); the forward's row sums are taken from
   z as stored, so an overflowed z gives a NaN loss, not a finite loss beside inf gradients.
 * fp32 for fp32 activations: TF32 where torch's fp32 matmul precision allows it, else exact.
-`aligned_projection` returns z in fp32.
+`aligned_projection` returns z in fp32, and for 16-bit activations its forward GEMM multiplies fp32
+xhat and Wf with tf32x3 (`projection_operands`): the U-REPA manifold term amplifies the 3e-4 error
+of an fp16-operand z as z approaches t. Its backward GEMMs keep fp16 operands.
 """
 from __future__ import annotations
 
@@ -88,8 +90,9 @@ def _row_offsets(rows, N, stride_b, stride_n):
 
 @triton.jit
 def _dot(a, b, acc, OPERANDS: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. OPERANDS (`operand_class`): "fp16" casts both tiles to
-    fp16 (tensor cores), "tf32" / "ieee" multiply fp32 tiles with that input precision."""
+    """acc + a @ b with fp32 accumulation. OPERANDS (`operand_class`, `projection_operands`): "fp16"
+    casts both tiles to fp16 (tensor cores), "tf32" / "tf32x3" / "ieee" multiply fp32 tiles with
+    that input precision."""
     if OPERANDS == "fp16":
         return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     else:
@@ -555,11 +558,14 @@ class GemmConfig:
 # cores (fp32 operands take half the K depth so three stages fit an A100's 164 KiB of shared
 # memory); "ieee" is exact fp32 on the FMA units, small tiles. dx's and dw's K-loops also form the
 # dL/dz tiles (dx also the LayerNorm row means), hence their shallower K step: no register spills on
-# triton 3.6 to 3.9 (tests/test_triton_aot.py).
+# triton 3.6 to 3.9 (tests/test_triton_aot.py). "tf32x3" (three TF32 products, about fp32's
+# accuracy on tensor cores; a 128 x 64 x 16 tile over 8 warps: 128 x 128 takes stack on triton 3.8
+# sm_80) is the forward of `aligned_projection` for 16-bit activations only.
 GEMM_CONFIGS = {
     ("fwd", "fp16"): GemmConfig(128, 128, 64, 8, 3),
     ("fwd", "tf32"): GemmConfig(128, 128, 32, 8, 3),
     ("fwd", "ieee"): GemmConfig(64, 64, 16, 4, 2),
+    ("fwd", "tf32x3"): GemmConfig(128, 64, 16, 8, 3),
     ("dx", "fp16"): GemmConfig(128, 128, 32, 8, 3),
     ("dx", "tf32"): GemmConfig(128, 128, 16, 8, 3),
     ("dx", "ieee"): GemmConfig(64, 64, 16, 4, 3),
@@ -601,6 +607,13 @@ def operand_class(dtype: torch.dtype) -> str:
     except (AttributeError, RuntimeError):  # torch without the fp32_precision API
         allowed = torch.backends.cuda.matmul.allow_tf32
     return "tf32" if allowed else "ieee"
+
+
+def projection_operands(dtype: torch.dtype) -> str:
+    """How `aligned_projection`'s forward GEMM multiplies for `dtype` activations: "tf32x3" on fp32
+    tiles (xhat and Wf kept in fp32) for 16-bit ones, else as `operand_class`. Its z feeds the
+    U-REPA manifold term, which amplifies an fp16 GEMM's 3e-4 relative error of z as z -> t."""
+    return "tf32x3" if dtype != torch.float32 else operand_class(dtype)
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -693,11 +706,11 @@ def _device_taps(step: Resample, device: torch.device, adjoint: bool) -> Tuple[t
     return index.to(device), weight.to(device)
 
 
-def _resample_normalized(hidden: torch.Tensor, stats: torch.Tensor, step: Resample) -> torch.Tensor:
-    """(B, N', D) resampled xhat in the operand dtype."""
+def _resample_normalized(hidden: torch.Tensor, stats: torch.Tensor, step: Resample, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N', D) resampled xhat in `dtype` (the operand dtype)."""
     batch, tokens, dim = hidden.shape
     index, weight = _device_taps(step, hidden.device, False)
-    out = torch.empty(batch, step.dst_tokens, dim, device=hidden.device, dtype=operand_dtype(hidden.dtype))
+    out = torch.empty(batch, step.dst_tokens, dim, device=hidden.device, dtype=dtype)
     rows, block_d, warps = ROW_BLOCK
     grid = (triton.cdiv(batch * step.dst_tokens, rows), triton.cdiv(dim, block_d))
     _resample_normalized_kernel[grid](
@@ -716,12 +729,13 @@ def _projected_rows(hidden, stats, xa) -> Tuple[torch.Tensor, torch.Tensor]:
     return xa, identity
 
 
-def _projection_forward(x, x_stats, w_folded, folded, t: Optional[torch.Tensor], z_dtype: torch.dtype):
-    """z - bf (B, N', E) in z_dtype; with a target t also the row terms (4, M') of the cosine loss."""
+def _projection_forward(x, x_stats, w_folded, folded, t: Optional[torch.Tensor], z_dtype: torch.dtype,
+                        operands: str):
+    """z - bf (B, N', E) in z_dtype, the GEMM multiplying as `operands` (`_dot`); with a target t
+    also the row terms (4, M') of the cosine loss."""
     batch, tokens, dim = x.shape
     e_dim = w_folded.shape[0]
     rows = batch * tokens
-    operands = operand_class(x.dtype)
     config = gemm_config("fwd", operands, _is_feature_map(x))
     tiles_e = triton.cdiv(e_dim, config.block_n)
     z = torch.empty(batch, tokens, e_dim, device=x.device, dtype=z_dtype)
@@ -764,7 +778,7 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
         t_arg, alpha_arg, beta_arg = t, alpha, beta
     else:  # unused pointers of the cosine form
         t_arg, alpha_arg, beta_arg = grad_z, dz_scale, dz_scale
-    operands = operand_class(x.dtype)
+    operands = operand_class(hidden.dtype)  # x, w_folded: fp32 after aligned_projection's forward
     f32 = dict(device=device, dtype=torch.float32)
 
     # weight side: G = dZ^T xhat, db
@@ -858,18 +872,19 @@ def _encode_step(step: Optional[Resample]) -> Tuple[str, List[int], List[int]]:
     return ("none", [], []) if step is None else (step.kind, list(step.src), list(step.dst))
 
 
-def _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps):
+def _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps, operand: torch.dtype):
+    """(stats, xa, w_folded, folded); the resampled rows xa and Wf in the `operand` dtype."""
     stats = _ln_stats(hidden, ln_eps)
-    xa = hidden.new_empty(0) if step is None else _resample_normalized(hidden, stats, step)
-    w_folded, folded = _fold_params(ln_weight, ln_bias, proj_weight, proj_bias, operand_dtype(hidden.dtype))
+    xa = hidden.new_empty(0) if step is None else _resample_normalized(hidden, stats, step, operand)
+    w_folded, folded = _fold_params(ln_weight, ln_bias, proj_weight, proj_bias, operand)
     return stats, xa, w_folded, folded
 
 
-def _fake_common(hidden, proj_weight, kind, dst):
+def _fake_common(hidden, proj_weight, kind, dst, operand: torch.dtype):
     """Fake (stats, xa, w_folded, folded) and the aligned token count."""
     batch, tokens, dim = hidden.shape
     aligned = tokens if kind == "none" else math.prod(dst)
-    f32, operand = torch.float32, operand_dtype(hidden.dtype)
+    f32 = torch.float32
     xa = hidden.new_empty(0) if kind == "none" else hidden.new_empty(batch, aligned, dim, dtype=operand)
     return (hidden.new_empty(2, batch * tokens, dtype=f32), xa,
             hidden.new_empty(proj_weight.shape[0], dim, dtype=operand),
@@ -882,16 +897,19 @@ def _repa_loss_op(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Te
                   ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, z, stats, xa, row_terms, w_folded, folded); target already aligned, in the hidden dtype or fp32."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
-    stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps)
+    operand = operand_dtype(hidden.dtype)
+    stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps,
+                                                  operand)
     x, x_stats = _projected_rows(hidden, stats, xa)
-    z, row_terms = _projection_forward(x, x_stats, w_folded, folded, target, operand_dtype(hidden.dtype))
+    z, row_terms = _projection_forward(x, x_stats, w_folded, folded, target, operand, operand_class(hidden.dtype))
     return -row_terms[0].mean(), z, stats, xa, row_terms, w_folded, folded
 
 
 @_repa_loss_op.register_fake
 def _repa_loss_fake(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, resample_kind, resample_src,
                     resample_dst, ln_eps):
-    (stats, xa, w_folded, folded), aligned = _fake_common(hidden, proj_weight, resample_kind, resample_dst)
+    (stats, xa, w_folded, folded), aligned = _fake_common(hidden, proj_weight, resample_kind, resample_dst,
+                                                          operand_dtype(hidden.dtype))
     batch = hidden.shape[0]
     z = hidden.new_empty(batch, aligned, proj_weight.shape[0], dtype=operand_dtype(hidden.dtype))
     return (hidden.new_empty((), dtype=torch.float32), z, stats, xa,
@@ -920,18 +938,23 @@ _repa_loss_op.register_autograd(_repa_loss_backward, setup_context=_repa_loss_se
 def _aligned_projection_op(hidden: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
                            proj_bias: Tensor, resample_kind: str, resample_src: List[int], resample_dst: List[int],
                            ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(z fp32, z - bf fp32 (what the backward reads), stats, xa, w_folded, folded)."""
+    """(z fp32, z - bf fp32 (what the backward reads), stats, xa, w_folded, folded). The forward
+    GEMM multiplies as `projection_operands` (xa and Wf in fp32), the backward ones as
+    `operand_class` (fp16 tiles cast from them for 16-bit activations)."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
-    stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps)
+    stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps,
+                                                  torch.float32)
     x, x_stats = _projected_rows(hidden, stats, xa)
-    z_free, _ = _projection_forward(x, x_stats, w_folded, folded, None, torch.float32)
+    z_free, _ = _projection_forward(x, x_stats, w_folded, folded, None, torch.float32,
+                                    projection_operands(hidden.dtype))
     return z_free + folded[0], z_free, stats, xa, w_folded, folded
 
 
 @_aligned_projection_op.register_fake
 def _aligned_projection_fake(hidden, ln_weight, ln_bias, proj_weight, proj_bias, resample_kind, resample_src,
                              resample_dst, ln_eps):
-    (stats, xa, w_folded, folded), aligned = _fake_common(hidden, proj_weight, resample_kind, resample_dst)
+    (stats, xa, w_folded, folded), aligned = _fake_common(hidden, proj_weight, resample_kind, resample_dst,
+                                                          torch.float32)
     z = hidden.new_empty(hidden.shape[0], aligned, proj_weight.shape[0], dtype=torch.float32)
     return z, torch.empty_like(z), stats, xa, w_folded, folded
 
@@ -1144,17 +1167,20 @@ def aot_specs() -> Iterator[Dict[str, object]]:
             layout = f"{tag},feature_map" if feature_map else tag
             yield _spec(_ln_stats_kernel, {"X": a, "Mean": f32, "Rstd": f32}, row_blocks, warps, tag=layout,
                         **_contiguous(_ln_stats_kernel, feature_map))
-            yield _spec(_resample_normalized_kernel, {"X": a, "Mean": f32, "Rstd": f32, "TapIndex": "*i64",
-                                                      "TapWeight": f32, "Out": o}, row_blocks, warps, tag=layout,
-                        **_contiguous(_resample_normalized_kernel, feature_map))
+            for out in sorted({o, f32}):  # repa_loss's operand dtype, aligned_projection's fp32
+                yield _spec(_resample_normalized_kernel, {"X": a, "Mean": f32, "Rstd": f32, "TapIndex": "*i64",
+                                                          "TapWeight": f32, "Out": out}, row_blocks, warps,
+                            tag=f"{layout}->{out[1:]}", **_contiguous(_resample_normalized_kernel, feature_map))
             yield _spec(_ln_backward_rows_kernel, {"GradXhat": f32, "AdjIndex": "*i64", "AdjWeight": f32, "X": a,
                                                    "Mean": f32, "Rstd": f32, "DX": a}, row_blocks, warps,
                         tag=layout, **_contiguous(_ln_backward_rows_kernel, feature_map))
         for param in _param_dtypes(act):
             p = _PTR[param]
-            yield _spec(_fold_params_kernel, {"W": p, "Gamma": p, "Beta": p, "Bias": p, "WFolded": o, "Folded": f32},
-                        {"BLOCK_E": rows, "BLOCK_D": block_d}, warps, tag=f"{_short(param)}->{tag}",
-                        **_contiguous(_fold_params_kernel))
+            for out in sorted({o, f32}):
+                yield _spec(_fold_params_kernel, {"W": p, "Gamma": p, "Beta": p, "Bias": p, "WFolded": out,
+                                                  "Folded": f32},
+                            {"BLOCK_E": rows, "BLOCK_D": block_d}, warps, tag=f"{_short(param)}->{out[1:]}",
+                            **_contiguous(_fold_params_kernel))
     yield _spec(_cosine_finish_kernel, {"RowSums": f32, "RowTerms": f32}, {"BLOCK": FINISH_BLOCK}, 4)
     for z_dtype in ACTIVATION_DTYPES:
         for t_dtype in ACTIVATION_DTYPES:
@@ -1167,44 +1193,50 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                         tag=tag, **_contiguous(_cosine_grad_kernel))
 
     for act, operands in _operand_cases():
-        # a: hidden and target; o: operand buffers (Wf, resampled rows, repa_loss's z). The GEMMs
-        # read as rows X the hidden itself (a) or, when it is resampled, the resampled rows (o).
+        # a: hidden and target; o: repa_loss's operand buffers (Wf, resampled rows, its z).
+        # aligned_projection keeps Wf and the resampled rows in fp32. The GEMMs read as rows X the
+        # hidden itself (a) or, when it is resampled, the resampled rows.
         a, o = _PTR[act], _PTR[operand_dtype(act)]
         base = f"{_short(act)},{operands}"
+        fwd_operands = projection_operands(act) if act != torch.float32 else operands
 
-        def gemm(kind, feature_map=False):
-            config = gemm_config(kind, operands, feature_map)
-            return dict(num_warps=config.num_warps, num_stages=config.num_stages, tensor_cores=operands != "ieee"), \
-                {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "OPERANDS": operands}
+        def gemm(kind, ops=operands, feature_map=False):
+            config = gemm_config(kind, ops, feature_map)
+            return dict(num_warps=config.num_warps, num_stages=config.num_stages, tensor_cores=ops != "ieee"), \
+                {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "OPERANDS": ops}
         # forward: repa_loss (z in the operand dtype, row sums) / aligned_projection (z fp32)
-        options, blocks = gemm("fwd")
         targets = sorted({a, f32})  # repa_loss's target: the hidden dtype, else fp32
-        for x in sorted({a, o}):
-            for row_sums, z, t in [(True, o, t) for t in targets] + [(False, f32, f32)]:
-                yield _spec(_projection_fwd_kernel, {"X": x, "Mean": f32, "Rstd": f32, "WFolded": o, "Folded": f32,
-                                                     "T": t, "Z": z, "RowSums": f32},
-                            dict(blocks, ROW_SUMS=row_sums, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},x={x[1:]},t={t[1:]},row_sums={row_sums}",
-                            **_contiguous(_projection_fwd_kernel))
-        # U-REPA (aligned_projection: z fp32, no row sums) on a feature map read in place, not resampled
-        options, blocks = gemm("fwd", feature_map=True)
-        yield _spec(_projection_fwd_kernel, {"X": a, "Mean": f32, "Rstd": f32, "WFolded": o, "Folded": f32,
+        forwards = [(ops, x, w, row_sums, z, t) for ops, w, rows_x, cases in
+                    [(operands, o, {a, o}, [(True, o, t) for t in targets]),
+                     (fwd_operands, f32, {a, f32}, [(False, f32, f32)])]
+                    for x in sorted(rows_x) for row_sums, z, t in cases]
+        for ops, x, w, row_sums, z, t in forwards:
+            options, blocks = gemm("fwd", ops)
+            yield _spec(_projection_fwd_kernel, {"X": x, "Mean": f32, "Rstd": f32, "WFolded": w, "Folded": f32,
+                                                 "T": t, "Z": z, "RowSums": f32},
+                        dict(blocks, ROW_SUMS=row_sums, GROUP_M=GROUP_M), **options,
+                        tag=f"{_short(act)},{ops},x={x[1:]},w={w[1:]},t={t[1:]},row_sums={row_sums}",
+                        **_contiguous(_projection_fwd_kernel))
+        # U-REPA (aligned_projection: Wf and z fp32, no row sums) on a feature map read in place, not resampled
+        options, blocks = gemm("fwd", fwd_operands, feature_map=True)
+        yield _spec(_projection_fwd_kernel, {"X": a, "Mean": f32, "Rstd": f32, "WFolded": f32, "Folded": f32,
                                              "T": f32, "Z": f32, "RowSums": f32},
                     dict(blocks, ROW_SUMS=False, GROUP_M=GROUP_M), **options,
-                    tag=f"{base},x={a[1:]},t=fp32,row_sums=False,feature_map",
+                    tag=f"{_short(act)},{fwd_operands},x={a[1:]},w=fp32,t=fp32,row_sums=False,feature_map",
                     **_contiguous(_projection_fwd_kernel, feature_map=True))
-        # backward: dL/dz from the cosine terms (z in the operand dtype, t in the hidden dtype or fp32)
-        # or handed in (fp32, aligned_projection's z)
+        # backward: dL/dz from the cosine terms (repa_loss: z in the operand dtype, t in the hidden
+        # dtype or fp32) or handed in (fp32, aligned_projection's z, Wf and resampled rows fp32)
         for from_cosine, t in [(True, t) for t in targets] + [(False, f32)]:
             dz_ptrs = ({"DZ": o, "Z": o, "T": t, "Alpha": f32, "Beta": f32} if from_cosine else
                        {"DZ": f32, "Z": f32, "T": f32, "Alpha": f32, "Beta": f32})
+            w = o if from_cosine else f32
             # fused: the hidden rows, also U-REPA's feature maps in place (dL/dz handed in); else the
             # resampled rows (X unused)
             feature_map = [] if from_cosine else [(True, True)]
             for fuse_ln, in_place in [(True, False)] + feature_map + [(False, False)]:
-                options, blocks = gemm("dx", in_place)
+                options, blocks = gemm("dx", feature_map=in_place)
                 yield _spec(_projection_dx_kernel,
-                            dict(dz_ptrs, DzScale=f32, WFolded=o, Folded=f32, X=a if fuse_ln else o, Mean=f32,
+                            dict(dz_ptrs, DzScale=f32, WFolded=w, Folded=f32, X=a if fuse_ln else w, Mean=f32,
                                  Rstd=f32, Out=a if fuse_ln else f32),
                             dict(blocks, DZ_FROM_COSINE=from_cosine, FUSE_LN=fuse_ln, GROUP_M=GROUP_M), **options,
                             tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}"
@@ -1212,7 +1244,7 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                             **_contiguous(_projection_dx_kernel, in_place))
             options, blocks = gemm("dw")
             feature_map = [] if from_cosine else [(a, True)]
-            for x, in_place in [(x, False) for x in sorted({a, o})] + feature_map:
+            for x, in_place in [(x, False) for x in sorted({a, w})] + feature_map:
                 for param in _param_dtypes(act):
                     p = _PTR[param]
                     yield _spec(_projection_dw_kernel,

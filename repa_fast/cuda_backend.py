@@ -187,21 +187,22 @@ def _gemm_dtype(activations: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("repa_fast::cuda_project", mutates_args=())
 def _project(hidden: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-             step: List[int], ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             step: List[int], ln_eps: float, fp32_gemm: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(z, y, mean, rstd): z = resample(LayerNorm(hidden)) @ W^T + b in float32, y the GEMM's input
-    (in _gemm_dtype(hidden.dtype)), the LayerNorm statistics; `step` is the hidden side's plan step
-    (_encode)."""
+    (in _gemm_dtype(hidden.dtype), or float32 with `fp32_gemm`: float32 operands, TF32 off), the
+    LayerNorm statistics; `step` is the hidden side's plan step (_encode)."""
     return torch.ops.repa_fast.cuda_projection_forward(hidden, ln_weight, ln_bias, proj_weight, proj_bias,
-                                                       *_taps(step, hidden.device, False), ln_eps)
+                                                       *_taps(step, hidden.device, False), ln_eps, fp32_gemm)
 
 
 @_project.register_fake
-def _(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps):
+def _(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps, fp32_gemm):
     batch, tokens, dim = hidden.shape
     rows = _decode(step).dst_tokens if step else tokens
     stats = hidden.new_empty(batch * tokens, dtype=torch.float32)
     z = hidden.new_empty(batch, rows, proj_weight.shape[0], dtype=torch.float32)
-    return z, hidden.new_empty(batch, rows, dim, dtype=_gemm_dtype(hidden.dtype)), stats, torch.empty_like(stats)
+    y_dtype = torch.float32 if fp32_gemm else _gemm_dtype(hidden.dtype)
+    return z, hidden.new_empty(batch, rows, dim, dtype=y_dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("repa_fast::cuda_project_backward", mutates_args=())
@@ -222,7 +223,7 @@ def _(grad_z, hidden, ln_weight, proj_weight, y, mean, rstd, step, needs):
 
 
 def _project_setup(ctx, inputs, output):
-    hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, _ = inputs
+    hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, _, _ = inputs
     _, y, mean, rstd = output
     ctx.save_for_backward(hidden, ln_weight, proj_weight, y, mean, rstd)
     ctx.step = step
@@ -233,7 +234,7 @@ def _project_backward(ctx, grad_z, *unused):
     hidden, ln_weight, proj_weight, y, mean, rstd = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     grads = iter(_project_grads(grad_z, hidden, ln_weight, proj_weight, y, mean, rstd, ctx.step, needs))
-    return (*(next(grads).to(dtype) if need else None for need, dtype in zip(needs, ctx.dtypes)), None, None)
+    return (*(next(grads).to(dtype) if need else None for need, dtype in zip(needs, ctx.dtypes)), None, None, None)
 
 
 _project.register_autograd(_project_backward, setup_context=_project_setup)
@@ -293,8 +294,8 @@ def _alignment_terms(z: Tensor, t: Tensor, manifold: bool, activations: torch.dt
 
 
 def _aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan: AlignmentPlan,
-                        ln_eps: float) -> Tuple[Tensor, Tensor]:
-    z = _project(hidden, ln_weight, ln_bias, proj_weight, proj_bias, _encode(plan.a), ln_eps)[0]
+                        ln_eps: float, fp32_gemm: bool) -> Tuple[Tensor, Tensor]:
+    z = _project(hidden, ln_weight, ln_bias, proj_weight, proj_bias, _encode(plan.a), ln_eps, fp32_gemm)[0]
     return z, (target if plan.b is None else _resample_tokens(target, _encode(plan.b)))
 
 
@@ -302,7 +303,7 @@ def repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan: 
               ln_eps: float) -> Tensor:
     if _has_float64(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias):
         return reference.repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)
-    z, t = _aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)
+    z, t = _aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps, False)
     return _alignment_terms(z, t, False, hidden.dtype)[0]
 
 
@@ -310,7 +311,8 @@ def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan:
                ln_eps: float) -> Tuple[Tensor, Tensor]:
     if _has_float64(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias):
         return reference.urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)
-    z, t = _aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)
+    # float32 projection operands: the manifold term amplifies an fp16 GEMM's error of z as z -> t
+    z, t = _aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps, True)
     return _alignment_terms(z, t, True, hidden.dtype)
 
 

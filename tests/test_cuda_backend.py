@@ -168,6 +168,16 @@ def test_manifold_late_training_matches_torch(device, shape, dtype, noise):
                              backend="cuda", grad_names=("projected",), ill_conditioned=True)
 
 
+@pytest.mark.parametrize("noise", LATE_TRAINING_NOISES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_urepa_16bit_late_training_matches_torch(device, dtype, noise):
+    """The fused head with 16-bit activations as z -> t (hidden tokens = target tokens): both losses
+    and all gradients within the margin of torch's. Its projection multiplies float32 operands with
+    TF32 off; with float16 ones the LayerNorm weight's gradient was 0.89 off at noise 0.001 (torch 0.24)."""
+    inputs = projection_inputs(2, 37, 24, 37, 61, noise=noise, dtype=dtype, device=device)
+    assert_matches_reference(rf.urepa_loss, inputs, backend="cuda", ill_conditioned=True)
+
+
 @pytest.mark.gpu
 def test_manifold_gradient_survives_the_chunked_fallback(device):
     """A row strip too wide for the tiled kernel's shared memory (N ~ 6000 on an H100) takes the
@@ -228,16 +238,19 @@ def test_parameter_gradients_scale_exactly_with_the_loss(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
 def test_ops_match_their_fake_implementations(device, dtype):
     """torch.library.opcheck: the fake implementations torch.compile traces with give the real ops'
-    shapes and dtypes (the projection's GEMM operand y is float16 for half-precision activations)."""
+    shapes and dtypes (the projection's GEMM operand y is float16 for half-precision activations,
+    float32 for the fused U-REPA head's fp32_gemm)."""
     inputs, _ = make_inputs("bilinear-hidden", dtype, device)
     step = cuda_backend._encode(Resample("bilinear", (8, 8), (6, 6)))
     args = [inputs[name] for name in PROJECTION_ARGS]
-    torch.library.opcheck(cuda_backend._project, (*(a.clone().requires_grad_() for a in args), step, 1e-5))
-    z, y, mean, rstd = cuda_backend._project(*args, step, 1e-5)
-    assert y.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
     hidden, ln_weight, _, proj_weight, _ = args
-    torch.library.opcheck(cuda_backend._project_grads,
-                          (torch.randn_like(z), hidden, ln_weight, proj_weight, y, mean, rstd, step, [True] * 5))
+    for fp32_gemm in (False, True):
+        torch.library.opcheck(cuda_backend._project,
+                              (*(a.clone().requires_grad_() for a in args), step, 1e-5, fp32_gemm))
+        z, y, mean, rstd = cuda_backend._project(*args, step, 1e-5, fp32_gemm)
+        assert y.dtype == (torch.float32 if dtype == torch.float32 or fp32_gemm else torch.float16)
+        torch.library.opcheck(cuda_backend._project_grads,
+                              (torch.randn_like(z), hidden, ln_weight, proj_weight, y, mean, rstd, step, [True] * 5))
     target = inputs["target"]
     torch.library.opcheck(cuda_backend._resample_tokens,
                           (target, cuda_backend._encode(Resample("bilinear", (6, 6), (5, 5)))))

@@ -345,7 +345,7 @@ def _alignment_terms(z, t, manifold, gram, need_grad, half_precision):
     return launches
 
 
-def _project(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps):
+def _project(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps, fp32_gemm):
     batch, tokens, dim = hidden.shape
     launches = [("layer_norm_forward_kernel", (_cdiv(batch * tokens, LAYER_NORM_ROWS),), ())]
     return launches + ([_gather(batch, cuda_backend._decode(step).dst_tokens, dim)] if step else [])

@@ -220,9 +220,10 @@ def test_forward_reads_a_feature_map_in_place_and_writes_no_layernorm_output(res
     plan = plan_alignment(36, inputs["target"].shape[1], (6, 6))
     params = [inputs[k] for k in PROJECTION_ARGS[1:]]
     with torch.no_grad(), LargestNewStorage() as probe:  # the forward's steps, outside the op
-        stats, xa, w_folded, folded = projection._forward_common(hidden, *params, plan.a, 1e-5)
+        stats, xa, w_folded, folded = projection._forward_common(hidden, *params, plan.a, 1e-5, hidden.dtype)
         x, x_stats = projection._projected_rows(hidden, stats, xa)
-        projection._projection_forward(x, x_stats, w_folded, folded, inputs["target"], hidden.dtype)
+        projection._projection_forward(x, x_stats, w_folded, folded, inputs["target"], hidden.dtype,
+                                       projection.operand_class(hidden.dtype))
     assert 0 < probe.numel < feature_map.numel()
 
 

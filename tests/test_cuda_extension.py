@@ -104,7 +104,8 @@ def test_every_call_site_binds_to_its_schema(dispatch_key):
     with LibraryCalls() as calls:
         for step in (None, Resample("bilinear", (4, 4), (3, 3))):
             code = cuda_backend._encode(step)
-            cuda_backend._project._init_fn(hidden, *params, code, 1e-5)
+            for fp32_gemm in (False, True):  # repa_loss's operands; the fused U-REPA head's fp32 GEMM
+                cuda_backend._project._init_fn(hidden, *params, code, 1e-5, fp32_gemm)
             rows = tokens if step is None else step.dst_tokens
             grads = cuda_backend._project_grads._init_fn(torch.randn(batch, rows, out_dim), hidden, params[0], params[2],
                                                          torch.randn(batch, rows, dim), stats, stats, code, [True] * 5)

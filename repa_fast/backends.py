@@ -3,7 +3,8 @@
 A backend is a module exposing, with the same signatures as `repa_fast.reference`:
 `repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)`,
 `urepa_loss(...)` (same arguments), `cosine_alignment_loss(z, t)` and `manifold_loss(z, t)`.
-Inputs arrive validated, as (B, N, C) token views, targets detached.
+Inputs arrive validated, as (B, N, C) token views, targets detached. `ln_weight` and `ln_bias`
+may both be None: no LayerNorm, the projection is the Linear alone (an MLP head's last layer).
 """
 from __future__ import annotations
 

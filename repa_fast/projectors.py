@@ -3,7 +3,8 @@ iREPA's spatial z-score of the target.
 
 - "layernorm_linear" (SimpleTuner's): the fused `repa_loss` / `urepa_loss` of every backend.
 - "mlp" (REPA's `build_mlp`): the layers before the last run through torch (cuBLAS); the last
-  Linear, the alignment and the loss terms as the LayerNorm + Linear head without its LayerNorm.
+  Linear goes to the backend's `repa_loss` / `urepa_loss` with `ln_weight = ln_bias = None` (the
+  LayerNorm + Linear head without its LayerNorm): fused with the alignment and the loss terms.
 - "conv" (iREPA's): the convolution through torch (cuDNN) on the hidden tokens' grid, then the
   alignment and the backend's cosine (and manifold) terms.
 
@@ -22,7 +23,7 @@ from torch import nn
 from .alignment import Grid, plan_alignment, resample_tokens, square_grid
 from .backends import backend_name, resolve_backend
 from .functional import repa_loss, urepa_loss
-from .reference import aligned_projection, compute_dtype, spatial_zscore
+from .reference import compute_dtype, spatial_zscore
 from .validation import as_tokens, check_batch, check_finite_if_asked, check_flag, check_same_device
 
 PROJECTOR_KINDS = ("layernorm_linear", "mlp", "conv")
@@ -103,7 +104,10 @@ def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, h
             x = _linear(x, layer) if isinstance(layer, nn.Linear) else layer(x)
         plan = plan_alignment(x.shape[1], t.shape[1], h_grid, t_grid, check_flag("spatial_align", spatial_align),
                               token_alignment)
-        z, t = aligned_projection(x, t, None, None, projector.linear.weight, projector.linear.bias, plan, 0.0)
+        # the last Linear is the LayerNorm + Linear head without its LayerNorm (ln_weight None)
+        args = (x, t, None, None, projector.linear.weight, projector.linear.bias, plan, 0.0)
+        module = resolve_backend(backend, hidden.device)
+        return module.urepa_loss(*args) if manifold else (module.repa_loss(*args),)
     else:
         grid = h_grid if h_grid is not None else square_grid(tokens.shape[1])
         if grid is None:

@@ -8,13 +8,10 @@ gradient. Past the schedule's cutoff the regularizer returns None and its DDP wr
 sees no backward, which DDP allows; the test runs such steps too.
 """
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -22,6 +19,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import repa_fast as rf  # noqa: E402
+from distributed import gloo_group, spawn  # noqa: E402
 from test_capture import tiny_pixart, tiny_unet2d  # noqa: E402
 from test_encoders import tiny_dinov2  # noqa: E402
 
@@ -77,33 +75,43 @@ def gradients(model, reg):
     return grads
 
 
+def train_shards(rank, world, out_dir, wrap, grads_of):
+    """Each config's first step on this rank's shard of the batch, the gradients saved (by
+    grads_of(model, reg)), then two steps past the cutoff; wrap(model, reg, kind) gives the modules
+    the steps call (DDP wrappers, or the FSDP2-sharded modules themselves)."""
+    for kind in CONFIGS:
+        model, reg, inputs, target, pixels = build(kind)
+        step_model, step_reg = wrap(model, reg, kind)
+        inputs = {name: shard(value, rank, world) for name, value in inputs.items()}
+        target, pixels = shard(target, rank, world), shard(pixels, rank, world)
+        assert train_step(step_model, step_reg, reg, inputs, target, pixels, step=0)
+        torch.save(grads_of(model, reg), os.path.join(out_dir, f"{kind}_rank{rank}.pt"))
+        for step in (1, 2):  # past the cutoff: regularizer loss None, model still trained
+            model.zero_grad()
+            assert not train_step(step_model, step_reg, reg, inputs, target, pixels, step=step)
+    dist.barrier()
+
+
+def assert_ranks_match_full_batch(out_dir):
+    """Every rank's saved gradients equal one process's on the whole batch."""
+    for kind in CONFIGS:
+        model, reg, inputs, target, pixels = build(kind)
+        assert train_step(model, reg, reg, inputs, target, pixels, step=0)
+        want = gradients(model, reg)
+        assert any(name.startswith("projector.") for name in want) and len(want) > 10
+        for rank in range(WORLD):
+            assert_same_gradients(torch.load(out_dir / f"{kind}_rank{rank}.pt"), want, (kind, rank))
+
+
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for kind in CONFIGS:
-            model, reg, inputs, target, pixels = build(kind)
-            ddp_model, ddp_reg = DDP(model), DDP(reg)
-            inputs = {name: shard(value, rank, world) for name, value in inputs.items()}
-            target, pixels = shard(target, rank, world), shard(pixels, rank, world)
-            assert train_step(ddp_model, ddp_reg, reg, inputs, target, pixels, step=0)
-            torch.save(gradients(model, reg), os.path.join(out_dir, f"{kind}_rank{rank}.pt"))
-            for step in (1, 2):  # past the cutoff: regularizer loss None, model still trained
-                model.zero_grad()
-                assert not train_step(ddp_model, ddp_reg, reg, inputs, target, pixels, step=step)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        train_shards(rank, world, out_dir, lambda model, reg, kind: (DDP(model), DDP(reg)), gradients)
 
 
 def _threshold_worker(rank, world, port, out_dir):
     """Rank 0 sees aligned features (similarity ~1), rank 1 unrelated ones (~0): alone, rank 0
     would cross the 0.6 threshold and rank 1 would not."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         loss_module = rf.RepaLoss(8, 8, schedule=rf.LambdaSchedule(base=0.5, similarity_threshold=0.6))
         with torch.no_grad():
@@ -114,24 +122,6 @@ def _threshold_worker(rank, world, port, out_dir):
         target = projected if rank == 0 else torch.randn(2, 16, 8)
         weights = [loss_module(hidden, target)[1]["weight"] for _ in range(3)]
         torch.save(weights, os.path.join(out_dir, f"weights_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(worker, tmp_path):
-    context = mp.spawn(worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 240 s")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_same_gradients(got, want, label):
@@ -145,17 +135,11 @@ def assert_same_gradients(got, want, label):
 
 
 def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
-    _spawn(_worker, tmp_path)
-    for kind in CONFIGS:
-        model, reg, inputs, target, pixels = build(kind)
-        assert train_step(model, reg, reg, inputs, target, pixels, step=0)
-        want = gradients(model, reg)
-        assert any(name.startswith("projector.") for name in want) and len(want) > 10
-        for rank in range(WORLD):
-            assert_same_gradients(torch.load(tmp_path / f"{kind}_rank{rank}.pt"), want, (kind, rank))
+    spawn(_worker, WORLD, tmp_path, 240)
+    assert_ranks_match_full_batch(tmp_path)
 
 
 def test_similarity_threshold_cuts_off_on_every_rank_together(tmp_path):
-    _spawn(_threshold_worker, tmp_path)
+    spawn(_threshold_worker, WORLD, tmp_path, 240)
     weights = [torch.load(tmp_path / f"weights_rank{rank}.pt") for rank in range(WORLD)]
     assert weights[0] == weights[1] == [0.5, 0.5, 0.5]   # the global mean (~0.5) stays under 0.6

@@ -7,11 +7,7 @@ regularizer sharded as its own root, as accelerate's FSDP2 plugin does with each
 module. Gradients are DTensor shards, gathered with full_tensor() to compare. Steps past the
 cutoff (regularizer returns None, no backward through it) run too.
 """
-import os
-
 import pytest
-import torch
-import torch.distributed as dist
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -22,7 +18,8 @@ if not hasattr(fsdp, "fully_shard"):
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from test_ddp import CONFIGS, WORLD, _spawn, assert_same_gradients, build, gradients, shard, train_step  # noqa: E402
+from distributed import gloo_group, spawn  # noqa: E402
+from test_ddp import WORLD, assert_ranks_match_full_batch, train_shards  # noqa: E402
 
 
 def shard_model(model, kind, mesh):
@@ -46,35 +43,19 @@ def full_gradients(model, reg):
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         mesh = init_device_mesh("cpu", (world,))
-        for kind in CONFIGS:
-            model, reg, inputs, target, pixels = build(kind)
+
+        def wrap(model, reg, kind):
             sharded_block = shard_model(model, kind, mesh)
             fsdp.fully_shard(reg, mesh=mesh)
             assert isinstance(next(sharded_block.parameters()), DTensor)
             assert isinstance(next(reg.parameters()), DTensor)
-            inputs = {name: shard(value, rank, world) for name, value in inputs.items()}
-            target, pixels = shard(target, rank, world), shard(pixels, rank, world)
-            assert train_step(model, reg, reg, inputs, target, pixels, step=0)
-            torch.save(full_gradients(model, reg), os.path.join(out_dir, f"{kind}_rank{rank}.pt"))
-            for step in (1, 2):  # past the cutoff: regularizer loss None, model still trained
-                model.zero_grad()
-                assert not train_step(model, reg, reg, inputs, target, pixels, step=step)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            return model, reg
+
+        train_shards(rank, world, out_dir, wrap, full_gradients)
 
 
 def test_fsdp2_gradients_equal_single_process_full_batch(tmp_path):
-    _spawn(_worker, tmp_path)
-    for kind in CONFIGS:
-        model, reg, inputs, target, pixels = build(kind)
-        assert train_step(model, reg, reg, inputs, target, pixels, step=0)
-        want = gradients(model, reg)
-        assert any(name.startswith("projector.") for name in want) and len(want) > 10
-        for rank in range(WORLD):
-            assert_same_gradients(torch.load(tmp_path / f"{kind}_rank{rank}.pt"), want, (kind, rank))
+    spawn(_worker, WORLD, tmp_path, 240)
+    assert_ranks_match_full_batch(tmp_path)

@@ -18,16 +18,12 @@ The convention, for whoever adds a block to the README:
 import ast
 import os
 import re
-import socket
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 diffusers = pytest.importorskip("diffusers")
@@ -37,6 +33,7 @@ pytest.importorskip("accelerate")
 import repa_fast as rf  # noqa: E402
 from repa_fast.integrations.input_checks import InputWarning  # noqa: E402
 from repa_fast.integrations.regularizers import _Regularizer  # noqa: E402
+from distributed import gloo_group, spawn  # noqa: E402
 from test_capture import tiny_unet2d_condition  # noqa: E402
 from test_encoders import tiny_autoencoder_kl, tiny_dinov2  # noqa: E402
 
@@ -137,13 +134,11 @@ def variants(code):
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      ACCELERATE_USE_CPU="true")  # as `accelerate launch --cpu` (torchrun) sets them
-    torch.set_num_threads(1)
     rf.VisionEncoder.from_pretrained = classmethod(tiny_from_pretrained)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    # the variables `accelerate launch --cpu` (torchrun) sets
+    launcher = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                    ACCELERATE_USE_CPU="true")
+    with gloo_group(rank, world, port, **launcher):
         results = {}
         for runner, code, line in readme_blocks():
             if runner is not None:
@@ -152,14 +147,6 @@ def _worker(rank, world, port, out_dir):
                 namespace = run_block(variant, line)
                 results[(line, enabled)] = check_regularizers(namespace, enabled, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_readme_has_the_blocks_this_test_knows():
@@ -174,13 +161,7 @@ def test_readme_has_the_blocks_this_test_knows():
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_readme_blocks_run_enabled_and_disabled(world, tmp_path):
-    context = mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 400
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the README blocks did not finish on {world} processes within 400 s")
+    spawn(_worker, world, tmp_path, 400)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     loops = [key for key, regs in results[0].items() if regs]
     assert {enabled for _, enabled in loops} == {True, False} and len(loops) == 4  # two loops, on and off

@@ -184,9 +184,15 @@ def count_flops(case: E2ECase, dtype: torch.dtype) -> Dict[str, float]:
 def measure_case(case: E2ECase, device: torch.device, dtype: torch.dtype, quick: bool) -> List[Row]:
     """One row per part: decode, encode, loss, the uncached step, reading the batch's tokens
     from a full cache on disk, and the cached step (read + loss)."""
+    rows = _measure_parts(case, Step(case, device, dtype), device, dtype, quick)
+    if device.type == "cuda":  # the step's models and buffers are gone with _measure_parts' frame
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _measure_parts(case: E2ECase, step: Step, device: torch.device, dtype: torch.dtype, quick: bool) -> List[Row]:
     from ..integrations.feature_cache import FeatureCache, producer_of
 
-    step = Step(case, device, dtype)
     pixels = step.decode()
     tokens, grid = step.encode(pixels)
     keys = [f"sample/{i}" for i in range(case.batch)]
@@ -220,9 +226,6 @@ def measure_case(case: E2ECase, device: torch.device, dtype: torch.dtype, quick:
             print(f"  {case.name} [{part}]: {row.error or f'{_ms(row.median_ms)} ms, {row.peak_mib:.1f} MiB'}",
                   file=sys.stderr, flush=True)
         assert cache.stats["misses"] == case.batch, cache.stats  # every timed read was a hit
-    del step
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

@@ -216,7 +216,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
                   rstd.numel() == stats,
               "cuda_projection_backward: grad_z, y, mean and rstd do not match the forward's shapes and dtypes");
   const Tensor gz = grad_z.to(at::kFloat).contiguous().view({batch * rows, out_dim});
-  const Tensor y_rows = (y_is_hidden ? hidden : y).reshape({batch * rows, dim});
   // float16 products take dL/dz's rows scaled by 2^-e_r (exponent and row_unscale = 2^e_r are
   // undefined for float32 ones)
   Tensor operand = gz, exponent, row_unscale;
@@ -225,8 +224,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
     row_unscale = at::exp2(exponent);
   }
   Tensor g_hidden, g_gamma, g_beta, g_weight, g_bias;
-  if (needs[3])
+  if (needs[3]) {
+    const Tensor y_rows = (y_is_hidden ? hidden : y).reshape({batch * rows, dim});
     g_weight = exponent.defined() ? weight_gradient_half(operand, exponent, y_rows) : matmul_f32(operand.t(), y_rows);
+  }
   if (needs[4]) g_bias = gz.sum(0);
   if (!(needs[0] || needs[1] || needs[2])) return {g_hidden, g_gamma, g_beta, g_weight, g_bias};
 

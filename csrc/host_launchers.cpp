@@ -64,13 +64,12 @@ Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout xl, const flo
   });
 }
 
-Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout xl, const float* grad_y, const float* grad_y_scale,
-                           const float* mean, const float* rstd, const float* gamma, void* grad_x, TokenLayout gl,
-                           float* gamma_partial, float* beta_partial, Stream) {
+Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout xl, const float* grad_y,
+                           const float* grad_y_row_scale, const float* mean, const float* rstd, const float* gamma,
+                           void* grad_x, TokenLayout gl, float* gamma_partial, float* beta_partial, Stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xs = static_cast<const T*>(x);
-    const float g_scale = grad_y_scale != nullptr ? *grad_y_scale : 1.f;
     const int64_t rows = xl.batch * xl.tokens, dim = xl.dim;
     const int64_t blocks = (rows + LAYER_NORM_ROWS - 1) / LAYER_NORM_ROWS;
     if (gamma_partial != nullptr)
@@ -78,6 +77,7 @@ Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout xl, const fl
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t base = offset_of(xl, row);
       std::vector<float> xhat(dim), g(dim);
+      const float g_scale = grad_y_row_scale != nullptr ? grad_y_row_scale[row] : 1.f;
       float c1 = 0.f, c2 = 0.f;
       for (int64_t d = 0; d < dim; ++d) {
         xhat[d] = (to_f(xs[base + d * xl.sd]) - mean[row]) * rstd[row];

@@ -43,12 +43,13 @@ Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout x_layout, con
 // ceil(B*S / LAYER_NORM_ROWS) rows of D, summed (deterministically) by the caller.
 constexpr int64_t LAYER_NORM_ROWS = 32;
 
-// Backward of layer_norm_forward given grad_y (B*S, D) row-major float32, times the device scalar
-// *grad_y_scale unless it is null (it undoes the scaling of a float16 GEMM operand): grad_x (may
-// be null) written with grad_x_layout's strides in x's dtype, and per-block partial sums of
-// grad_gamma = sum grad_y * xhat and grad_beta = sum grad_y (both null or both given).
+// Backward of layer_norm_forward given grad_y (B*S, D) row-major float32, row r times
+// grad_y_row_scale[r] (B*S float32) unless it is null (it undoes the per-row scaling of a float16
+// GEMM operand): grad_x (may be null) written with grad_x_layout's strides in x's dtype, and
+// per-block partial sums of grad_gamma = sum grad_y * xhat and grad_beta = sum grad_y (both null or
+// both given).
 Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout x_layout, const float* grad_y,
-                           const float* grad_y_scale, const float* mean, const float* rstd, const float* gamma,
+                           const float* grad_y_row_scale, const float* mean, const float* rstd, const float* gamma,
                            void* grad_x, TokenLayout grad_x_layout, float* gamma_partial, float* beta_partial,
                            Stream stream);
 

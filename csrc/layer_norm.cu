@@ -124,31 +124,31 @@ layer_norm_forward_kernel(const T* __restrict__ x, TokenLayout layout, const flo
 }
 
 // grad_x = rstd * (g*gamma - mean_d(g*gamma) - xhat * mean_d(g*gamma*xhat)) per row, and per-column
-// sums over the block's rows of g*xhat (gamma) and g (beta), with g = grad_y * grad_y_scale.
-// x: strided; grad_y: (B*S, D) row-major fp32; grad_y_scale: device scalar or null (1);
+// sums over the block's rows of g*xhat (gamma) and g (beta), with g = grad_y * grad_y_row_scale[row].
+// x: strided; grad_y: (B*S, D) row-major fp32; grad_y_row_scale: (B*S,) fp32 or null (1);
 // grad_x: strided (grad_layout) or null; gamma_partial, beta_partial: (gridDim.x, D) fp32 or null.
 template <typename T>
 __global__ void __launch_bounds__(THREADS, 2)
 layer_norm_backward_kernel(const T* __restrict__ x, TokenLayout layout, const float* __restrict__ grad_y,
-                           const float* __restrict__ grad_y_scale, const float* __restrict__ mean,
+                           const float* __restrict__ grad_y_row_scale, const float* __restrict__ mean,
                            const float* __restrict__ rstd,
                            const float* __restrict__ gamma, T* __restrict__ grad_x, TokenLayout grad_layout,
                            float* __restrict__ gamma_partial, float* __restrict__ beta_partial) {
   __shared__ float tile[ROWS][COLS + 1];
   __shared__ int64_t offset[ROWS], grad_offset[ROWS];
-  __shared__ float row_mean[ROWS], row_rstd[ROWS], row_c1[ROWS], row_c2[ROWS];
+  __shared__ float row_mean[ROWS], row_rstd[ROWS], row_scale[ROWS], row_c1[ROWS], row_c2[ROWS];
   __shared__ float col_gamma[WARPS][COLS], col_beta[WARPS][COLS];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t rows = layout.batch * layout.tokens, dim = layout.dim;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * ROWS;
   const int valid_rows = static_cast<int>(rows - row0 < ROWS ? rows - row0 : ROWS);
-  const float g_scale = grad_y_scale != nullptr ? *grad_y_scale : 1.f;
   row_offsets(layout, row0, rows, offset);
   if (grad_x != nullptr) row_offsets(grad_layout, row0, rows, grad_offset);
   if (threadIdx.x < ROWS) {
     const bool ok = static_cast<int>(threadIdx.x) < valid_rows;
     row_mean[threadIdx.x] = ok ? mean[row0 + threadIdx.x] : 0.f;
     row_rstd[threadIdx.x] = ok ? rstd[row0 + threadIdx.x] : 0.f;
+    row_scale[threadIdx.x] = ok && grad_y_row_scale != nullptr ? grad_y_row_scale[row0 + threadIdx.x] : 1.f;
   }
   __syncthreads();
 
@@ -165,7 +165,7 @@ layer_norm_backward_kernel(const T* __restrict__ x, TokenLayout layout, const fl
     for (int i = 0; i < ROWS_PER_WARP; ++i) {
       const int r = warp * ROWS_PER_WARP + i;
       if (r < valid_rows && col_ok) {
-        const float g = grad_y[(row0 + r) * dim + d] * g_scale;
+        const float g = grad_y[(row0 + r) * dim + d] * row_scale[r];
         const float xhat = (tile[r][lane] - row_mean[r]) * row_rstd[r];
         sum_g[i] += g * gam;
         sum_gx[i] += g * gam * xhat;
@@ -212,7 +212,7 @@ layer_norm_backward_kernel(const T* __restrict__ x, TokenLayout layout, const fl
     for (int r = warp; r < ROWS; r += WARPS) {
       float v = 0.f;
       if (r < valid_rows && d < dim) {
-        const float g = grad_y[(row0 + r) * dim + d] * g_scale;
+        const float g = grad_y[(row0 + r) * dim + d] * row_scale[r];
         const float xhat = (tile[r][lane] - row_mean[r]) * row_rstd[r];
         v = row_rstd[r] * (g * gam - row_c1[r] - xhat * row_c2[r]);
       }
@@ -242,14 +242,14 @@ Status layer_norm_forward(Scalar dtype, const void* x, TokenLayout x_layout, con
 }
 
 Status layer_norm_backward(Scalar dtype, const void* x, TokenLayout x_layout, const float* grad_y,
-                           const float* grad_y_scale, const float* mean, const float* rstd, const float* gamma,
+                           const float* grad_y_row_scale, const float* mean, const float* rstd, const float* gamma,
                            void* grad_x, TokenLayout grad_x_layout, float* gamma_partial, float* beta_partial,
                            Stream stream) {
   const unsigned blocks = blocks_for(x_layout.batch * x_layout.tokens, ROWS);
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     layer_norm_backward_kernel<T><<<blocks, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), x_layout, grad_y, grad_y_scale, mean, rstd, gamma, static_cast<T*>(grad_x),
+        static_cast<const T*>(x), x_layout, grad_y, grad_y_row_scale, mean, rstd, gamma, static_cast<T*>(grad_x),
         grad_x_layout, gamma_partial, beta_partial);
   });
 }

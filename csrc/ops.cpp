@@ -100,10 +100,12 @@ Tensor gather_if(const Tensor& x, const OptionalTensor& offsets, const OptionalT
   return gather(x, *offsets, *index, *weight);
 }
 
-void check_projection(const char* op, const Tensor& hidden, const Tensor& ln_weight, const Tensor& proj_weight) {
+// hidden (B, S, D) non-empty, ln_weight (D,) or absent (no LayerNorm), proj_weight (E, D).
+void check_projection(const char* op, const Tensor& hidden, const OptionalTensor& ln_weight,
+                      const Tensor& proj_weight) {
   TORCH_CHECK(hidden.dim() == 3 && hidden.numel() > 0, op, ": hidden must be non-empty (B, S, D), got ", hidden.sizes());
-  TORCH_CHECK(ln_weight.dim() == 1 && ln_weight.size(0) == hidden.size(2), op, ": ln_weight must be (D,) with D = ",
-              hidden.size(2), ", got ", ln_weight.sizes());
+  TORCH_CHECK(!ln_weight.has_value() || (ln_weight->dim() == 1 && ln_weight->size(0) == hidden.size(2)), op,
+              ": ln_weight must be (D,) with D = ", hidden.size(2), " or None, got ", ln_weight->sizes());
   TORCH_CHECK(proj_weight.dim() == 2 && proj_weight.size(1) == hidden.size(2), op,
               ": proj_weight must be (E, D) with D = ", hidden.size(2), ", got ", proj_weight.sizes());
 }
@@ -113,105 +115,155 @@ at::ScalarType gemm_type(const Tensor& activations) {
   return gemm_dtype(scalar_of(activations)) == Scalar::f16 ? at::kHalf : at::kFloat;
 }
 
-// x (float32) as a float16 GEMM operand, scaled by the power of two that brings max |x| into
-// [2^14, 2^15): dL/dz of a mean over many rows lies far below float16's normal range, and far above
-// it under a loss scaler. Returns (operand, 1 / scale); the scale stays on the device (no
-// synchronization) and an all-zero x keeps a finite one.
-std::tuple<Tensor, Tensor> scaled_half(const Tensor& x) {
-  const Tensor exponent = at::clamp(at::floor(at::log2(at::linalg_vector_norm(x, INFINITY))) - 14.0, -126.0, 126.0);
+// The rows of x (R, C) float32 as a float16 GEMM operand, row r scaled by 2^-e_r with e_r the power
+// of two that brings max |x_r| into [2^14, 2^15): dL/dz of a mean over many rows lies far below
+// float16's normal range, far above it under a loss scaler, and one row can lie 1e14 above the
+// others (a zero z row's 1 / 1e-12 from F.normalize's clamp): one scale for all rows would flush
+// the others to 0. Returns (operand, e) with e (R, 1) float32 on the device (no synchronization);
+// an all-zero row keeps a finite e.
+std::tuple<Tensor, Tensor> scaled_half_rows(const Tensor& x) {
+  const Tensor row_max = at::linalg_vector_norm(x, INFINITY, at::IntArrayRef{1}, /*keepdim=*/true);
+  const Tensor exponent = at::clamp(at::floor(at::log2(row_max)) - 14.0, -126.0, 126.0);
   Tensor operand = at::empty_like(x, x.options().dtype(at::kHalf));
   at::mul_out(operand, x, at::exp2(exponent.neg()));
-  return {operand, at::exp2(exponent)};
+  return {operand, exponent};
 }
 
-// z = resample(LayerNorm(hidden)) @ W^T + b, float32: the GEMM takes operands of gemm_type(hidden)
+// dW = dZ^T y from float16 operands, given dZ's rows scaled by 2^-e_r (scaled_half_rows): row r of
+// y (R, D) is scaled by 2^(e_r - c), which keeps each row's product dz_r^T y_r exact in scale, and
+// the sum by 2^c, with c the power of two that brings the largest scaled |y| into [2^14, 2^15).
+// A row with y = 0 contributes 0 and leaves c alone, so its dz (however large) costs nothing.
+Tensor weight_gradient_half(const Tensor& dz_operand, const Tensor& dz_exponent, const Tensor& y_rows) {
+  const Tensor y_max = at::linalg_vector_norm(y_rows, INFINITY, at::IntArrayRef{1}, /*keepdim=*/true).to(at::kFloat);
+  const Tensor c = at::clamp(at::amax(at::floor(at::log2(y_max)) + dz_exponent) - 14.0, -126.0, 126.0);
+  Tensor y_operand = at::empty(y_rows.sizes(), y_rows.options().dtype(at::kHalf));
+  at::mul_out(y_operand, y_rows, at::exp2(at::clamp(dz_exponent - c, -126.0, 126.0)));
+  return matmul_f32(dz_operand.t(), y_operand).mul_(at::exp2(c));
+}
+
+// z = resample(LN(hidden)) @ W^T + b, float32, with LN the LayerNorm, or nothing when ln_weight and
+// ln_bias are None (an MLP head's last Linear). The GEMM takes operands of gemm_type(hidden)
 // (float16 for half-precision activations) with float32 accumulation, or with `fp32_gemm` float32
 // operands with TF32 off (matmul_ieee: the fused U-REPA head); the bias is added in float32
-// (rounding it would shift every row the same way). Also returns the GEMM's input y (B, N, D) in
-// that operand dtype and the LayerNorm statistics (B*S,) for the backward. Resampling is linear with
-// weights summing to one, so it is applied before the GEMM (fewer rows).
-std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(const Tensor& hidden, const Tensor& ln_weight,
-                                                              const Tensor& ln_bias, const Tensor& proj_weight,
-                                                              const Tensor& proj_bias, const OptionalTensor& taps_offsets,
-                                                              const OptionalTensor& taps_index,
-                                                              const OptionalTensor& taps_weight, double ln_eps,
-                                                              bool fp32_gemm) {
+// (rounding it would shift every row the same way). Also returns, for the backward, the GEMM's input
+// y (B, N, D) in that operand dtype (empty without LayerNorm and resampling: y is hidden itself, read
+// again by the backward rather than kept as a copy) and the LayerNorm statistics (B*S,) (empty
+// without LayerNorm). Resampling is linear with weights summing to one, so it is applied before
+// the GEMM (fewer rows).
+std::tuple<Tensor, Tensor, Tensor, Tensor> projection_forward(
+    const Tensor& hidden, const OptionalTensor& ln_weight, const OptionalTensor& ln_bias, const Tensor& proj_weight,
+    const Tensor& proj_bias, const OptionalTensor& taps_offsets, const OptionalTensor& taps_index,
+    const OptionalTensor& taps_weight, double ln_eps, bool fp32_gemm) {
   check_projection("cuda_projection_forward", hidden, ln_weight, proj_weight);
-  TORCH_CHECK(ln_bias.numel() == hidden.size(2) && proj_bias.numel() == proj_weight.size(0),
+  const bool layer_norm = ln_weight.has_value();
+  TORCH_CHECK(ln_bias.has_value() == layer_norm,
+              "cuda_projection_forward: ln_weight and ln_bias must both be tensors or both be None (no LayerNorm)");
+  TORCH_CHECK((!layer_norm || ln_bias->numel() == hidden.size(2)) && proj_bias.numel() == proj_weight.size(0),
               "cuda_projection_forward: ln_bias must be (D,) and proj_bias (E,)");
-  check_device(hidden, {ln_weight, ln_bias, proj_weight, proj_bias});
+  check_device(hidden, {proj_weight, proj_bias});
+  if (layer_norm) check_device(hidden, {*ln_weight, *ln_bias});
   const c10::DeviceGuard guard(hidden.device());
   const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
   const auto gemm = fp32_gemm ? at::kFloat : gemm_type(hidden);
   const auto f32 = hidden.options().dtype(at::kFloat);
-  const Tensor gamma = ln_weight.to(at::kFloat).contiguous(), beta = ln_bias.to(at::kFloat).contiguous();
-  Tensor y = at::empty({batch, tokens, dim}, hidden.options().dtype(gemm));
-  Tensor mean = at::empty({batch * tokens}, f32), rstd = at::empty({batch * tokens}, f32);
-  check_ok(layer_norm_forward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), gamma.data_ptr<float>(),
-                              beta.data_ptr<float>(), static_cast<float>(ln_eps), y.data_ptr(), fp32_gemm,
-                              mean.data_ptr<float>(), rstd.data_ptr<float>(), stream_of(hidden)),
-           "layer_norm_forward");
+  Tensor y, mean = at::empty({layer_norm ? batch * tokens : 0}, f32), rstd = at::empty_like(mean);
+  if (layer_norm) {
+    const Tensor gamma = ln_weight->to(at::kFloat).contiguous(), beta = ln_bias->to(at::kFloat).contiguous();
+    y = at::empty({batch, tokens, dim}, hidden.options().dtype(gemm));
+    check_ok(layer_norm_forward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), gamma.data_ptr<float>(),
+                                beta.data_ptr<float>(), static_cast<float>(ln_eps), y.data_ptr(), fp32_gemm,
+                                mean.data_ptr<float>(), rstd.data_ptr<float>(), stream_of(hidden)),
+             "layer_norm_forward");
+  } else {
+    y = hidden.to(gemm);
+  }
   y = gather_if(y, taps_offsets, taps_index, taps_weight);
   const int64_t rows = y.size(1);
-  const Tensor y_rows = y.view({batch * rows, dim}), weight_t = proj_weight.to(gemm).t();
+  const Tensor y_rows = y.reshape({batch * rows, dim}), weight_t = proj_weight.to(gemm).t();
   Tensor z = (fp32_gemm ? matmul_ieee(y_rows, weight_t) : matmul_f32(y_rows, weight_t))
                  .add_(proj_bias.to(at::kFloat));
-  return {z.view({batch, rows, out_dim}), y, mean, rstd};
+  const bool y_is_hidden = !layer_norm && !taps_offsets.has_value();
+  return {z.view({batch, rows, out_dim}), y_is_hidden ? at::empty({0}, y.options()) : y, mean, rstd};
 }
 
 // Gradients of projection_forward's z for the inputs flagged in `needs` (hidden, ln_weight, ln_bias,
-// proj_weight, proj_bias), undefined for the others. hidden's comes in its dtype and, when it is
-// dense, its strides; the parameters' come in float32 (the caller casts). The taps are the
-// transposed (scatter) taps of the forward's resampling. The products take dL/dz in y's dtype
-// (float16: scaled, see scaled_half; a float32 y of the fused head is cast to it) and give float32 results, which feed reductions (over rows for
-// W, over rows and features in the LayerNorm backward); b's gradient sums float32 dL/dz itself.
+// proj_weight, proj_bias), undefined for the others (without LayerNorm, ln_weight None, the ln ones
+// cannot be asked for). hidden's comes in its dtype and, when it is dense, its strides; the
+// parameters' come in float32 (the caller casts). The taps are the transposed (scatter) taps of the
+// forward's resampling. The products take dL/dz in the operand dtype of gemm_type(hidden) (float16:
+// each row scaled by its own power of two, see scaled_half_rows; a float32 y of the fused head is
+// cast to it) and give float32 results, which feed reductions (over rows for W, over rows and
+// features in the LayerNorm backward); b's gradient sums float32 dL/dz itself.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projection_backward(
-    const Tensor& grad_z, const Tensor& hidden, const Tensor& ln_weight, const Tensor& proj_weight, const Tensor& y,
-    const Tensor& mean, const Tensor& rstd, const OptionalTensor& taps_offsets, const OptionalTensor& taps_index,
-    const OptionalTensor& taps_weight, std::array<bool, 5> needs) {
+    const Tensor& grad_z, const Tensor& hidden, const OptionalTensor& ln_weight, const Tensor& proj_weight,
+    const Tensor& y, const Tensor& mean, const Tensor& rstd, const OptionalTensor& taps_offsets,
+    const OptionalTensor& taps_index, const OptionalTensor& taps_weight, std::array<bool, 5> needs) {
   check_projection("cuda_projection_backward", hidden, ln_weight, proj_weight);
-  check_device(hidden, {grad_z, ln_weight, proj_weight, y, mean, rstd});
+  check_device(hidden, {grad_z, proj_weight, y, mean, rstd});
+  const bool layer_norm = ln_weight.has_value(), resampled = taps_offsets.has_value();
+  TORCH_CHECK(layer_norm || !(needs[1] || needs[2]),
+              "cuda_projection_backward: without LayerNorm (ln_weight None) there are no ln_weight or ln_bias "
+              "gradients to compute");
   const c10::DeviceGuard guard(hidden.device());
   const int64_t batch = hidden.size(0), tokens = hidden.size(1), dim = hidden.size(2), out_dim = proj_weight.size(0);
-  const int64_t rows = y.size(1);
+  const int64_t rows = grad_z.dim() == 3 ? grad_z.size(1) : -1;
+  const bool y_is_hidden = !layer_norm && !resampled;
   const auto gemm = gemm_type(hidden);
-  TORCH_CHECK(y.sizes() == at::IntArrayRef({batch, rows, dim}) &&
-                  (y.scalar_type() == gemm || y.scalar_type() == at::kFloat) &&
-                  grad_z.sizes() == at::IntArrayRef({batch, rows, out_dim}) && mean.numel() == batch * tokens &&
-                  rstd.numel() == batch * tokens,
+  const int64_t stats = layer_norm ? batch * tokens : 0;
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({batch, rows, out_dim}) &&
+                  (y_is_hidden ? y.numel() == 0 : y.sizes() == at::IntArrayRef({batch, rows, dim})) &&
+                  (y.scalar_type() == gemm || y.scalar_type() == at::kFloat) && mean.numel() == stats &&
+                  rstd.numel() == stats,
               "cuda_projection_backward: grad_z, y, mean and rstd do not match the forward's shapes and dtypes");
   const Tensor gz = grad_z.to(at::kFloat).contiguous().view({batch * rows, out_dim});
-  Tensor operand = gz, unscale;  // unscale: undefined for float32 operands
-  if (gemm == at::kHalf) std::tie(operand, unscale) = scaled_half(gz);
+  // float16 products take dL/dz's rows scaled by 2^-e_r (exponent and row_unscale = 2^e_r are
+  // undefined for float32 ones)
+  Tensor operand = gz, exponent, row_unscale;
+  if (gemm == at::kHalf) {
+    std::tie(operand, exponent) = scaled_half_rows(gz);
+    row_unscale = at::exp2(exponent);
+  }
   Tensor g_hidden, g_gamma, g_beta, g_weight, g_bias;
   if (needs[3]) {
-    g_weight = matmul_f32(operand.t(), y.reshape({batch * rows, dim}).to(gemm));
-    if (unscale.defined()) g_weight.mul_(unscale);
+    const Tensor y_rows = (y_is_hidden ? hidden : y).reshape({batch * rows, dim});
+    g_weight = exponent.defined() ? weight_gradient_half(operand, exponent, y_rows) : matmul_f32(operand.t(), y_rows);
   }
   if (needs[4]) g_bias = gz.sum(0);
-  if (needs[0] || needs[1] || needs[2]) {
-    Tensor g_y = matmul_f32(operand, proj_weight.to(gemm)).view({batch, rows, dim});  // float32, still scaled
-    g_y = gather_if(g_y, taps_offsets, taps_index, taps_weight).contiguous();
-    TORCH_CHECK(g_y.size(1) == tokens, "cuda_projection_backward: the taps map ", rows, " rows to ", g_y.size(1),
-                ", expected ", tokens);
-    const Tensor gamma = ln_weight.to(at::kFloat).contiguous();
-    const bool params = needs[1] || needs[2];
-    const int64_t blocks = (batch * tokens + LAYER_NORM_ROWS - 1) / LAYER_NORM_ROWS;
-    const auto f32 = hidden.options().dtype(at::kFloat);
-    const Tensor gamma_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
-    const Tensor beta_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
-    if (needs[0]) g_hidden = at::empty_like(hidden);  // hidden's strides when it is dense, else contiguous
-    check_ok(layer_norm_backward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), g_y.data_ptr<float>(),
-                                 unscale.defined() ? unscale.data_ptr<float>() : nullptr,
-                                 mean.contiguous().data_ptr<float>(), rstd.contiguous().data_ptr<float>(),
-                                 gamma.data_ptr<float>(), needs[0] ? g_hidden.data_ptr() : nullptr,
-                                 layout_of(needs[0] ? g_hidden : hidden),
-                                 params ? gamma_partial.data_ptr<float>() : nullptr,
-                                 params ? beta_partial.data_ptr<float>() : nullptr, stream_of(hidden)),
-             "layer_norm_backward");
-    if (needs[1]) g_gamma = gamma_partial.sum(0);
-    if (needs[2]) g_beta = beta_partial.sum(0);
+  if (!(needs[0] || needs[1] || needs[2])) return {g_hidden, g_gamma, g_beta, g_weight, g_bias};
+
+  Tensor g_y = matmul_f32(operand, proj_weight.to(gemm));  // (B*rows, D) float32, row r still times 2^-e_r
+  if (row_unscale.defined() && resampled) {  // the transposed taps mix rows of different scales
+    g_y.mul_(row_unscale);
+    row_unscale = Tensor();
   }
+  g_y = gather_if(g_y.view({batch, rows, dim}), taps_offsets, taps_index, taps_weight).contiguous();
+  TORCH_CHECK(g_y.size(1) == tokens, "cuda_projection_backward: the taps map ", rows, " rows to ", g_y.size(1),
+              ", expected ", tokens);
+  if (!layer_norm) {  // dL/dhidden = g_y (unscaled) in hidden's dtype and, when it is dense, strides
+    if (!row_unscale.defined() && g_y.scalar_type() == hidden.scalar_type() && g_y.strides() == hidden.strides())
+      return {g_y, g_gamma, g_beta, g_weight, g_bias};
+    g_hidden = at::empty_like(hidden);
+    if (row_unscale.defined()) at::mul_out(g_hidden, g_y, row_unscale.view({batch, tokens, 1}));
+    else g_hidden.copy_(g_y);
+    return {g_hidden, g_gamma, g_beta, g_weight, g_bias};
+  }
+  const Tensor gamma = ln_weight->to(at::kFloat).contiguous();
+  const bool params = needs[1] || needs[2];
+  const int64_t blocks = (batch * tokens + LAYER_NORM_ROWS - 1) / LAYER_NORM_ROWS;
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const Tensor gamma_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
+  const Tensor beta_partial = params ? at::empty({blocks, dim}, f32) : Tensor();
+  if (needs[0]) g_hidden = at::empty_like(hidden);  // hidden's strides when it is dense, else contiguous
+  check_ok(layer_norm_backward(scalar_of(hidden), hidden.data_ptr(), layout_of(hidden), g_y.data_ptr<float>(),
+                               row_unscale.defined() ? row_unscale.data_ptr<float>() : nullptr,
+                               mean.contiguous().data_ptr<float>(), rstd.contiguous().data_ptr<float>(),
+                               gamma.data_ptr<float>(), needs[0] ? g_hidden.data_ptr() : nullptr,
+                               layout_of(needs[0] ? g_hidden : hidden),
+                               params ? gamma_partial.data_ptr<float>() : nullptr,
+                               params ? beta_partial.data_ptr<float>() : nullptr, stream_of(hidden)),
+           "layer_norm_backward");
+  if (needs[1]) g_gamma = gamma_partial.sum(0);
+  if (needs[2]) g_beta = beta_partial.sum(0);
   return {g_hidden, g_gamma, g_beta, g_weight, g_bias};
 }
 
@@ -340,11 +392,11 @@ Tensor alignment_terms_backward(const Tensor& z, const Tensor& t, const Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(repa_fast, m) {
-  m.def("cuda_projection_forward(Tensor hidden, Tensor ln_weight, Tensor ln_bias, Tensor proj_weight, "
+  m.def("cuda_projection_forward(Tensor hidden, Tensor? ln_weight, Tensor? ln_bias, Tensor proj_weight, "
         "Tensor proj_bias, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, float ln_eps, "
         "bool fp32_gemm) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_projection_backward(Tensor grad_z, Tensor hidden, Tensor ln_weight, Tensor proj_weight, Tensor y, "
+  m.def("cuda_projection_backward(Tensor grad_z, Tensor hidden, Tensor? ln_weight, Tensor proj_weight, Tensor y, "
         "Tensor mean, Tensor rstd, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, bool[5] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_gather_rows(Tensor x, Tensor offsets, Tensor index, Tensor weight) -> Tensor");

@@ -186,11 +186,14 @@ def _gemm_dtype(activations: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("repa_fast::cuda_project", mutates_args=())
-def _project(hidden: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-             step: List[int], ln_eps: float, fp32_gemm: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(z, y, mean, rstd): z = resample(LayerNorm(hidden)) @ W^T + b in float32, y the GEMM's input
-    (in _gemm_dtype(hidden.dtype), or float32 with `fp32_gemm`: float32 operands, TF32 off), the
-    LayerNorm statistics; `step` is the hidden side's plan step (_encode)."""
+def _project(hidden: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], proj_weight: Tensor,
+             proj_bias: Tensor, step: List[int], ln_eps: float,
+             fp32_gemm: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(z, y, mean, rstd): z = resample(LayerNorm(hidden)) @ W^T + b in float32 (no LayerNorm when
+    ln_weight and ln_bias are None), y the GEMM's input (in _gemm_dtype(hidden.dtype), or float32
+    with `fp32_gemm`: float32 operands, TF32 off; empty when it is hidden itself: no LayerNorm, no
+    resampling), the LayerNorm statistics (empty without LayerNorm); `step` is the hidden side's
+    plan step (_encode)."""
     return torch.ops.repa_fast.cuda_projection_forward(hidden, ln_weight, ln_bias, proj_weight, proj_bias,
                                                        *_taps(step, hidden.device, False), ln_eps, fp32_gemm)
 
@@ -199,17 +202,19 @@ def _project(hidden: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Te
 def _(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps, fp32_gemm):
     batch, tokens, dim = hidden.shape
     rows = _decode(step).dst_tokens if step else tokens
-    stats = hidden.new_empty(batch * tokens, dtype=torch.float32)
+    stats = hidden.new_empty(batch * tokens if ln_weight is not None else 0, dtype=torch.float32)
     z = hidden.new_empty(batch, rows, proj_weight.shape[0], dtype=torch.float32)
+    y_shape = (batch, rows, dim) if ln_weight is not None or step else (0,)
     y_dtype = torch.float32 if fp32_gemm else _gemm_dtype(hidden.dtype)
-    return z, hidden.new_empty(batch, rows, dim, dtype=y_dtype), stats, torch.empty_like(stats)
+    return z, hidden.new_empty(y_shape, dtype=y_dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("repa_fast::cuda_project_backward", mutates_args=())
-def _project_grads(grad_z: Tensor, hidden: Tensor, ln_weight: Tensor, proj_weight: Tensor, y: Tensor, mean: Tensor,
-                   rstd: Tensor, step: List[int], needs: List[bool]) -> List[Tensor]:
+def _project_grads(grad_z: Tensor, hidden: Tensor, ln_weight: Optional[Tensor], proj_weight: Tensor, y: Tensor,
+                   mean: Tensor, rstd: Tensor, step: List[int], needs: List[bool]) -> List[Tensor]:
     """The gradients of _project's z w.r.t. (hidden, ln_weight, ln_bias, proj_weight, proj_bias),
-    only those flagged in `needs`; hidden's in its dtype, the parameters' in float32."""
+    only those flagged in `needs` (never the ln ones without LayerNorm); hidden's in its dtype, the
+    parameters' in float32."""
     grads = torch.ops.repa_fast.cuda_projection_backward(grad_z, hidden, ln_weight, proj_weight, y, mean, rstd,
                                                          *_taps(step, hidden.device, True), needs)
     return [grad for grad, need in zip(grads, needs) if need]
@@ -217,9 +222,10 @@ def _project_grads(grad_z: Tensor, hidden: Tensor, ln_weight: Tensor, proj_weigh
 
 @_project_grads.register_fake
 def _(grad_z, hidden, ln_weight, proj_weight, y, mean, rstd, step, needs):
-    params = (ln_weight.shape, ln_weight.shape, proj_weight.shape, proj_weight.shape[:1])
-    grads = [torch.empty_like(hidden)] + [hidden.new_empty(shape, dtype=torch.float32) for shape in params]
-    return [grad for grad, need in zip(grads, needs) if need]
+    ln_shape = None if ln_weight is None else ln_weight.shape
+    params = (ln_shape, ln_shape, proj_weight.shape, proj_weight.shape[:1])
+    grads = [torch.empty_like(hidden)] if needs[0] else []
+    return grads + [hidden.new_empty(shape, dtype=torch.float32) for shape, need in zip(params, needs[1:]) if need]
 
 
 def _project_setup(ctx, inputs, output):
@@ -227,7 +233,7 @@ def _project_setup(ctx, inputs, output):
     _, y, mean, rstd = output
     ctx.save_for_backward(hidden, ln_weight, proj_weight, y, mean, rstd)
     ctx.step = step
-    ctx.dtypes = (hidden.dtype, ln_weight.dtype, ln_bias.dtype, proj_weight.dtype, proj_bias.dtype)
+    ctx.dtypes = tuple(None if x is None else x.dtype for x in (hidden, ln_weight, ln_bias, proj_weight, proj_bias))
 
 
 def _project_backward(ctx, grad_z, *unused):
@@ -280,8 +286,8 @@ def _alignment_terms_backward(ctx, grad_align, grad_manifold, unused):
 
 # ---------------------------------------------------------------- the backend interface
 
-def _has_float64(*tensors: Tensor) -> bool:
-    return any(t.dtype == torch.float64 for t in tensors)
+def _has_float64(*tensors: Optional[Tensor]) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
 def _alignment_terms(z: Tensor, t: Tensor, manifold: bool, activations: torch.dtype) -> Tuple[Tensor, Tensor]:

@@ -7,14 +7,21 @@ Two devices run the same tests:
   Python custom ops, autograd and torch.compile are exercised here; the kernels' own numerics need
   the GPU run.
 """
+import functools
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import repa_fast as rf
 from repa_fast import backends, cuda_backend
-from repa_fast.alignment import Resample, resample_tokens
-from parity import (LATE_TRAINING_NOISES, PROJECTION_ARGS, assert_matches_reference, late_training_pair,
-                    literal_manifold, projection_inputs, rel_err)
+from repa_fast.alignment import Resample, plan_alignment, resample_tokens
+from repa_fast.validation import as_tokens
+from test_projectors import _case as projector_case
+from parity import (LATE_TRAINING_NOISES, PROJECTION_ARGS, TOLERANCE, assert_matches_reference, cast,
+                    interpolate_tokens, late_training_pair, literal_manifold, literal_projection, outputs_and_grads,
+                    projection_inputs, rel_err)
 
 HOST_SKIP = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels instead")
 
@@ -130,6 +137,113 @@ def test_half_precision_parameters(device):
     assert_matches_reference(rf.urepa_loss, inputs, backend="cuda", **kwargs)
 
 
+# ---------------------------------------------------------------- a Linear head without LayerNorm
+
+def head_losses(hidden, target, proj_weight, proj_bias, backend, ln_weight=None, ln_bias=None, manifold=False,
+                hidden_grid=None, token_alignment="grid"):
+    """The backend's repa_loss (urepa_loss with `manifold`) called as repa_fast.projectors calls it:
+    ln_weight = ln_bias = None is a Linear head without LayerNorm (an MLP head's last layer)."""
+    tokens, grid = as_tokens("hidden", hidden, hidden_grid)
+    plan = plan_alignment(tokens.shape[1], target.shape[1], grid, None, True, token_alignment)
+    module = backends.resolve_backend(backend, hidden.device)
+    args = (tokens, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, 1e-5)
+    return module.urepa_loss(*args) if manifold else module.repa_loss(*args)
+
+
+LINEAR_HEAD_ARGS = ("hidden", "proj_weight", "proj_bias")
+
+
+def linear_head_inputs(case, dtype, device, noise=0.4):
+    """make_inputs' case without the LayerNorm parameters, the target near the Linear's own z."""
+    inputs, kwargs = make_inputs(case, dtype, device)
+    inputs = {k: v for k, v in inputs.items() if not k.startswith("ln_")}
+    tokens, _ = as_tokens("hidden", inputs["hidden"].double(), None)
+    z = F.linear(tokens, inputs["proj_weight"].double(), inputs["proj_bias"].double())
+    z = interpolate_tokens(z, (z.shape[1],), (inputs["target"].shape[1],))
+    inputs["target"] = (z + noise * z.std() * torch.randn_like(z)).to(dtype)
+    return inputs, kwargs
+
+
+# Not resampled (same count; a feature map read in place, strided), the hidden side resampled
+# (bilinear, sequence rule), the target side resampled (hidden not: the GEMM reads hidden itself).
+LINEAR_HEAD_CASES = ["same-count", "feature-map", "bilinear-hidden", "feature-map-bilinear",
+                     "sequence-rule-hidden-shrinks", "bilinear-target"]
+
+
+@pytest.mark.parametrize("manifold", [False, True], ids=["repa", "urepa"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LINEAR_HEAD_CASES)
+def test_linear_head_without_layer_norm(device, case, dtype, manifold):
+    inputs, kwargs = linear_head_inputs(case, dtype, device)
+    assert_matches_reference(functools.partial(head_losses, manifold=manifold, **kwargs), inputs, backend="cuda",
+                             grad_names=LINEAR_HEAD_ARGS)
+
+
+@pytest.mark.parametrize("noise", LATE_TRAINING_NOISES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_head_urepa_16bit_late_training_matches_torch(device, dtype, noise):
+    """Without LayerNorm too, the fused U-REPA head projects 16-bit activations with float32
+    operands: as z -> t, within the margin of torch's."""
+    inputs, kwargs = linear_head_inputs("same-count", dtype, device, noise=noise)
+    assert_matches_reference(functools.partial(head_losses, manifold=True, **kwargs), inputs, backend="cuda",
+                             grad_names=LINEAR_HEAD_ARGS, ill_conditioned=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("manifold", [False, True], ids=["repa", "urepa"])
+@pytest.mark.parametrize("case", ["mlp-same-count", "mlp-hidden-shrinks", "mlp-target-shrinks-1d"])
+def test_mlp_projector(device, case, manifold, dtype):
+    """repa_fast.projectors' "mlp" head on the cuda backend: its last Linear fused with the loss
+    (tests/test_projectors.py's cases and dtypes; its BACKENDS are those that run without this
+    build). The layers before it run in the activations' dtype on the fused backends (in bfloat16
+    the first layer's bias gradient is ~1.5e-2 off there, torch 2e-3: test_projectors has no bf16)."""
+    fn, inputs = projector_case(case, None, manifold)
+    inputs = {k: v.to(dtype) for k, v in inputs.items()}
+    assert_matches_reference(fn, inputs, backend="cuda", grad_names=[k for k in inputs if k != "target"])
+
+
+def zero_token_inputs(dtype, resampled, layer_norm):
+    """Issue 11 item 9's case: hidden tokens that are exactly zero (padding) with zero biases, so
+    that z's first row is 0 (resampled 16 -> 8 tokens: tokens 0 and 1 make row 0)."""
+    tokens = 16 if resampled else 8
+    hidden = 2.0 * torch.randn(1, tokens, 16, dtype=torch.float64) + 0.5
+    hidden[0, :2] = 0.0
+    params = {"ln_weight": 1.0 + 0.2 * torch.randn(16, dtype=torch.float64),
+              "ln_bias": torch.zeros(16, dtype=torch.float64)} if layer_norm else {}
+    weight, bias = torch.randn(8, 16, dtype=torch.float64) / 4, torch.zeros(8, dtype=torch.float64)
+    z = literal_projection(hidden, *params.values(), weight, bias) if layer_norm else F.linear(hidden, weight, bias)
+    z = interpolate_tokens(z, (tokens,), (8,))
+    target = z + 0.4 * z.std() * torch.randn_like(z)
+    inputs = {"hidden": hidden, "target": target, **params, "proj_weight": weight, "proj_bias": bias}
+    return {k: v.to(dtype if k in ("hidden", "target") else torch.float32) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["layernorm", "no-layernorm"])
+@pytest.mark.parametrize("resampled", [False, True], ids=["same-count", "resampled"])
+@pytest.mark.parametrize("manifold", [False, True], ids=["repa", "urepa"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_zero_token_keeps_the_other_tokens_gradients(device, dtype, manifold, resampled, layer_norm):
+    """Issue 11 item 9: z's zero row has |dL/dz| ~ 1e11 (F.normalize's 1e-12 clamp); scaled by one
+    power of two for all rows, dL/dz of the others flushed to 0 in the float16 operand (|dW| 0 where
+    torch has 0.5). Each row is scaled by its own now: every gradient within the margin of torch's
+    against float64, non-finite exactly where torch's is (the zero tokens' dL/dhidden overflows
+    float16 in both), the zero tokens' rows of dL/dhidden compared apart from the others'."""
+    inputs = zero_token_inputs(dtype, resampled, layer_norm)
+    names = [k for k in inputs if k != "target"]
+    fn = functools.partial(head_losses, manifold=manifold)
+    reference = outputs_and_grads(fn, cast(inputs, torch.float64), names, backend="torch")
+    same_dtype_torch = outputs_and_grads(fn, inputs, names, backend="torch")
+    result = outputs_and_grads(fn, inputs, names, backend="cuda")
+    for key, ref in reference.items():
+        parts = [slice(None, 2), slice(2, None)] if key.endswith("/hidden") else [slice(None)]
+        for part in parts:
+            got, want, torch_got = (x[:, part] if x.dim() == 3 else x for x in (result[key], ref, same_dtype_torch[key]))
+            finite = torch.isfinite(torch_got)
+            assert torch.equal(torch.isfinite(got), finite), f"{key}[{part}]: non-finite where torch's is not, or not"
+            err, torch_err = rel_err(got[finite], want[finite]), rel_err(torch_got[finite], want[finite])
+            assert err <= torch_err + TOLERANCE[dtype], f"{key}[{part}]: rel err {err:.3g} (torch {torch_err:.3g})"
+
+
 # (batch, tokens, features). Direct manifold form (3 N <= 5 E): the tiled kernel for half-precision
 # rows, chunked GEMMs for float32 ones. Gram form (3 N > 5 E), in its stable sum/difference form.
 DIRECT_SHAPES = [(2, 37, 50), (2, 150, 130)]
@@ -239,18 +353,22 @@ def test_parameter_gradients_scale_exactly_with_the_loss(device, dtype):
 def test_ops_match_their_fake_implementations(device, dtype):
     """torch.library.opcheck: the fake implementations torch.compile traces with give the real ops'
     shapes and dtypes (the projection's GEMM operand y is float16 for half-precision activations,
-    float32 for the fused U-REPA head's fp32_gemm)."""
+    float32 for the fused U-REPA head's fp32_gemm; without LayerNorm and resampling it is empty, as
+    are the statistics without LayerNorm)."""
     inputs, _ = make_inputs("bilinear-hidden", dtype, device)
-    step = cuda_backend._encode(Resample("bilinear", (8, 8), (6, 6)))
     args = [inputs[name] for name in PROJECTION_ARGS]
     hidden, ln_weight, _, proj_weight, _ = args
-    for fp32_gemm in (False, True):
+    for layer_norm, step, fp32_gemm in itertools.product((True, False), (None, Resample("bilinear", (8, 8), (6, 6))),
+                                                         (False, True)):  # z of the last one resampled: 6 x 6
+        head = args if layer_norm else [hidden, None, None, *args[3:]]
+        code = cuda_backend._encode(step)
         torch.library.opcheck(cuda_backend._project,
-                              (*(a.clone().requires_grad_() for a in args), step, 1e-5, fp32_gemm))
-        z, y, mean, rstd = cuda_backend._project(*args, step, 1e-5, fp32_gemm)
+                              (*(a if a is None else a.clone().requires_grad_() for a in head), code, 1e-5, fp32_gemm))
+        z, y, mean, rstd = cuda_backend._project(*head, code, 1e-5, fp32_gemm)
         assert y.dtype == (torch.float32 if dtype == torch.float32 or fp32_gemm else torch.float16)
+        needs = [True] * 5 if layer_norm else [True, False, False, True, True]
         torch.library.opcheck(cuda_backend._project_grads,
-                              (torch.randn_like(z), hidden, ln_weight, proj_weight, y, mean, rstd, step, [True] * 5))
+                              (torch.randn_like(z), hidden, head[1], proj_weight, y, mean, rstd, code, needs))
     target = inputs["target"]
     torch.library.opcheck(cuda_backend._resample_tokens,
                           (target, cuda_backend._encode(Resample("bilinear", (6, 6), (5, 5)))))
@@ -273,17 +391,23 @@ def test_results_are_deterministic(device):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["layernorm", "no-layernorm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_compile_fullgraph(device, dtype):
-    inputs, kwargs = make_inputs("feature-map-bilinear", dtype, device)
-    compiled = torch.compile(lambda **kw: rf.urepa_loss(**kw, backend="cuda", **kwargs), fullgraph=True)
+def test_torch_compile_fullgraph(device, dtype, layer_norm):
+    if layer_norm:
+        inputs, kwargs = make_inputs("feature-map-bilinear", dtype, device)
+        loss, names = functools.partial(rf.urepa_loss, backend="cuda", **kwargs), PROJECTION_ARGS
+    else:
+        inputs, kwargs = linear_head_inputs("feature-map-bilinear", dtype, device)
+        loss, names = functools.partial(head_losses, backend="cuda", manifold=True, **kwargs), LINEAR_HEAD_ARGS
+    compiled = torch.compile(loss, fullgraph=True)
 
     def run(fn):
-        leaves = {k: v.clone().requires_grad_(k in PROJECTION_ARGS) for k, v in inputs.items()}
+        leaves = {k: v.clone().requires_grad_(k in names) for k, v in inputs.items()}
         align, manifold = fn(**leaves)
-        grads = torch.autograd.grad(align + 3.0 * manifold, [leaves[n] for n in PROJECTION_ARGS])
+        grads = torch.autograd.grad(align + 3.0 * manifold, [leaves[n] for n in names])
         return (align, manifold, *grads)
 
-    eager = run(lambda **kw: rf.urepa_loss(**kw, backend="cuda", **kwargs))
+    eager = run(loss)
     for got, want in zip(run(compiled), eager):
         assert got.dtype == want.dtype and rel_err(got, want) <= 1e-6

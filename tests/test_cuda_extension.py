@@ -101,15 +101,21 @@ def test_every_call_site_binds_to_its_schema(dispatch_key):
     hidden = torch.randn(batch, tokens, dim)
     params = (torch.ones(dim), torch.zeros(dim), torch.randn(out_dim, dim), torch.zeros(out_dim))
     stats = torch.ones(batch * tokens)
+    no_layer_norm = (None, None, *params[2:])  # an MLP head's last Linear
     with LibraryCalls() as calls:
         for step in (None, Resample("bilinear", (4, 4), (3, 3))):
             code = cuda_backend._encode(step)
             for fp32_gemm in (False, True):  # repa_loss's operands; the fused U-REPA head's fp32 GEMM
-                cuda_backend._project._init_fn(hidden, *params, code, 1e-5, fp32_gemm)
+                for head in (params, no_layer_norm):
+                    cuda_backend._project._init_fn(hidden, *head, code, 1e-5, fp32_gemm)
             rows = tokens if step is None else step.dst_tokens
-            grads = cuda_backend._project_grads._init_fn(torch.randn(batch, rows, out_dim), hidden, params[0], params[2],
-                                                         torch.randn(batch, rows, dim), stats, stats, code, [True] * 5)
+            grad_z, y = torch.randn(batch, rows, out_dim), torch.randn(batch, rows, dim)
+            grads = cuda_backend._project_grads._init_fn(grad_z, hidden, params[0], params[2], y, stats, stats, code,
+                                                         [True] * 5)
             assert len(grads) == 5
+            grads = cuda_backend._project_grads._init_fn(grad_z, hidden, None, params[2], y, stats[:0], stats[:0], code,
+                                                         [True, False, False, True, True])
+            assert len(grads) == 3
         cuda_backend._resample_tokens._init_fn(hidden, cuda_backend._encode(Resample("linear", (tokens,), (9,))))
         z, t = torch.randn(batch, tokens, out_dim), torch.randn(batch, tokens, out_dim)
         cuda_backend._alignment_terms(z, t, True, torch.bfloat16)

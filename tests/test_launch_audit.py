@@ -348,6 +348,7 @@ def _alignment_terms(z, t, manifold, gram, need_grad, half_precision):
 def _project(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps, fp32_gemm):
     batch, tokens, dim = hidden.shape
     launches = [("layer_norm_forward_kernel", (_cdiv(batch * tokens, LAYER_NORM_ROWS),), ())]
+    launches = launches if ln_weight is not None else []  # ln_weight None: no LayerNorm
     return launches + ([_gather(batch, cuda_backend._decode(step).dst_tokens, dim)] if step else [])
 
 
@@ -356,6 +357,7 @@ def _project_backward(grad_z, hidden, ln_weight, proj_weight, y, mean, rstd, ste
     if not any(needs[:3]):
         return []
     launches = [("layer_norm_backward_kernel", (_cdiv(batch * tokens, LAYER_NORM_ROWS),), ())]
+    launches = launches if ln_weight is not None else []
     return launches + ([_gather(batch, tokens, dim)] if step else [])  # transposed taps: a row per source token
 
 

@@ -899,7 +899,7 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
     grad_hidden = torch.empty_like(hidden)
     fuse_ln = step is None and layer_norm
     out = grad_hidden if step is None else torch.empty(batch, tokens, dim, **f32)
-    config = gemm_config("dx", operands, step is None and _is_feature_map(x))
+    config = gemm_config("dx", operands, fuse_ln and _is_feature_map(x))
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(dim, config.block_n),)
     _projection_dx_kernel[grid](
         dz, z, t_arg, alpha_arg, beta_arg, dz_scale, w_folded, folded, x, x_stats[0], x_stats[1], out,
@@ -1177,6 +1177,12 @@ def _projector_params(hidden: Tensor, params: Tuple[Optional[Tensor], ...]) -> T
     return params
 
 
+def _contiguous_without_ln(hidden: Tensor, ln_weight: Optional[Tensor]) -> Tensor:
+    """Without LayerNorm the rows are an MLP's activations, contiguous already: any other layout
+    is copied once (differentiably), so the kernels see no feature map read in place there."""
+    return hidden.contiguous() if ln_weight is None else hidden
+
+
 def repa_loss(hidden: Tensor, target: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
               proj_weight: Tensor, proj_bias: Tensor, plan: AlignmentPlan, ln_eps: float) -> Tensor:
     """-mean cos(align(LayerNorm(hidden) @ W^T + b), align(target)), fp32 scalar; hidden (B, S, D)
@@ -1187,7 +1193,7 @@ def repa_loss(hidden: Tensor, target: Tensor, ln_weight: Optional[Tensor], ln_bi
     _check_dtype("target", target)
     t = resample_tokens(target.detach(), plan.b)
     t = t if t.dtype == hidden.dtype else t.float()
-    return _repa_loss_op(hidden, t, *params, *_encode_step(plan.a), float(ln_eps))[0]
+    return _repa_loss_op(_contiguous_without_ln(hidden, ln_weight), t, *params, *_encode_step(plan.a), float(ln_eps))[0]
 
 
 def aligned_projection(hidden: Tensor, target: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
@@ -1198,7 +1204,7 @@ def aligned_projection(hidden: Tensor, target: Tensor, ln_weight: Optional[Tenso
     detached, in the target's dtype (the target
     itself when it is not resampled)."""
     params = _projector_params(hidden, (ln_weight, ln_bias, proj_weight, proj_bias))
-    z = _aligned_projection_op(hidden, *params, *_encode_step(plan.a), float(ln_eps))[0]
+    z = _aligned_projection_op(_contiguous_without_ln(hidden, ln_weight), *params, *_encode_step(plan.a), float(ln_eps))[0]
     return z, resample_tokens(target.detach(), plan.b)
 
 
@@ -1293,7 +1299,7 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                 yield _spec(_resample_normalized_kernel, {"X": a, "Mean": f32, "Rstd": f32, "TapIndex": "*i64",
                                                           "TapWeight": f32, "Out": out}, row_blocks, warps,
                             tag=f"{layout}->{out[1:]}", **_contiguous(_resample_normalized_kernel, feature_map))
-            for layer_norm in (True, False):
+            for layer_norm in (True, False) if not feature_map else (True,):  # see _contiguous_without_ln
                 yield _spec(_ln_backward_rows_kernel, {"GradXhat": f32, "AdjIndex": "*i64", "AdjWeight": f32,
                                                        "X": a, "Mean": f32, "Rstd": f32, "DX": a},
                             dict(row_blocks, LAYER_NORM=layer_norm), warps if layer_norm else ADJOINT_ONLY_WARPS,
@@ -1365,9 +1371,9 @@ def aot_specs() -> Iterator[Dict[str, object]]:
             w = o if from_cosine else f32
             # (fuse_ln, in place, rows X, Out): fused, the hidden rows, also U-REPA's feature maps in
             # place (dL/dz handed in); the resampled rows (X unused, dL/dxhat fp32); no LayerNorm and
-            # not resampled: dL/dh straight into the hidden gradient, contiguous or a feature map
+            # not resampled: dL/dh straight into the (contiguous) hidden gradient
             cases = ([(True, False, a, a)] + ([] if from_cosine else [(True, True, a, a)]) + [(False, False, w, f32)]
-                     + [(False, in_place, a, a) for in_place in (False, True) if in_place or (a, a) != (w, f32)])
+                     + ([(False, False, a, a)] if (a, a) != (w, f32) else []))
             for fuse_ln, in_place, x, out in cases:
                 options, blocks = gemm("dx", feature_map=in_place)
                 no_ln = not fuse_ln and out == a
@@ -1380,7 +1386,8 @@ def aot_specs() -> Iterator[Dict[str, object]]:
             options, blocks = gemm("dw")
             feature_map = [] if from_cosine else [(a, True)]
             for x, in_place in [(x, False) for x in sorted({a, w})] + feature_map:
-                for param, layer_norm in [(param, ln) for param in _param_dtypes(act) for ln in (True, False)]:
+                layer_norms = (True,) if in_place else (True, False)  # see _contiguous_without_ln
+                for param, layer_norm in [(param, ln) for param in _param_dtypes(act) for ln in layer_norms]:
                     p = _PTR[param]
                     yield _spec(_projection_dw_kernel,
                                 dict(dz_ptrs, DzScale=f32, XScale=f32, GScale=f32, Folded=f32, X=x, Mean=f32,

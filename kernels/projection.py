@@ -442,8 +442,9 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta,          # dL/dz: DZ or Alpha*T
 def _dw_split_reduce_kernel(GPart, DbPart,                    # (splits, E, D), (splits, E) fp32
                             W, Gamma, Beta_ln, DW, Db, DGammaPart,  # as in _projection_dw_kernel
                             E, D, SPLITS, stride_we, stride_wd,
-                            LAYER_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Second stage of the row-split dW GEMM: the splits summed in order, then its epilogue."""
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Second stage of the row-split dW GEMM: the splits summed in order, then its epilogue (with
+    LayerNorm; without, dW = G is the splits' sum alone: `_projection_backward`)."""
     pid_e = tl.program_id(0)
     pid_d = tl.program_id(1)
     e = pid_e * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -456,7 +457,7 @@ def _dw_split_reduce_kernel(GPart, DbPart,                    # (splits, E, D), 
         g += tl.load(GPart + split * E * D + e[:, None] * D + d[None, :], mask=mask, other=0.0)
         db += tl.load(DbPart + split * E + e, mask=e_mask, other=0.0)
     _dw_epilogue(g, db, e, d, pid_e, pid_d, E, D, W, stride_we, stride_wd, Gamma, Beta_ln,
-                 DW, Db, DGammaPart, LAYER_NORM)
+                 DW, Db, DGammaPart, True)
 
 
 @triton.jit
@@ -888,11 +889,14 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
         *_strides3(dz), *_strides3(z), *_strides3(t_arg), *_strides3(x), *proj_weight.stride(),
         DZ_FROM_COSINE=from_cosine, LAYER_NORM=layer_norm, OPERANDS=operands, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
-    if splits > 1:
+    if splits > 1 and layer_norm:
         _dw_split_reduce_kernel[(tiles_e, tiles_d)](
-            g_part, db_part, proj_weight, gamma, beta_ln, grad_w, grad_b, gamma_part, e_dim, dim,
-            splits, *proj_weight.stride(), LAYER_NORM=layer_norm, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            g_part, db_part, proj_weight, ln_weight, ln_bias, grad_w, grad_b, gamma_part, e_dim, dim,
+            splits, *proj_weight.stride(), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps)
+    elif splits > 1:  # dW = G, db: the splits summed by torch (a fixed order, no atomics)
+        grad_w.copy_(g_part.sum(0))
+        grad_b.copy_(db_part.sum(0))
 
     # input side: dxhat = dZ @ Wf, then the LayerNorm backward (fused without resampling); without
     # LayerNorm dxhat is dL/dh, written in place when not resampled
@@ -1403,12 +1407,12 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                     **_contiguous(_weight_t_vec_kernel))
     reduce_cases = {(param, GEMM_CONFIGS["dw", operands]) for act, operands in _operand_cases()
                     for param in _param_dtypes(act)}
-    for (param, config), layer_norm in [(case, ln) for case in sorted(reduce_cases, key=str) for ln in (True, False)]:
+    for param, config in sorted(reduce_cases, key=str):
         p = _PTR[param]
         yield _spec(_dw_split_reduce_kernel, {"GPart": f32, "DbPart": f32, "W": p, "Gamma": p, "Beta_ln": p,
                                               "DW": p, "Db": f32, "DGammaPart": f32},
-                    {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "LAYER_NORM": layer_norm}, config.num_warps,
-                    tag=f"param={_short(param)},{config.block_m}x{config.block_n},layer_norm={layer_norm}",
+                    {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}, config.num_warps,
+                    tag=f"param={_short(param)},{config.block_m}x{config.block_n}",
                     **_contiguous(_dw_split_reduce_kernel))
 
 

@@ -111,7 +111,8 @@ def test_small_layernorm_weight_with_a_large_bias(dtype, gamma):
 
 # id: (batch, hidden tokens, D, target tokens, E); the grids are square
 MLP_HEAD_CASES = {"same-count": (2, 9, 20, 9, 13), "hidden-resampled": (2, 36, 20, 25, 13),
-                  "target-resampled": (2, 9, 20, 25, 13)}
+                  "target-resampled": (2, 9, 20, 25, 13),
+                  "row-split": (2, 300, 20, 300, 13)}  # the weight gradient split over rows
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])

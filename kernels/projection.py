@@ -3,6 +3,8 @@ projection half of `urepa_loss` (DESIGN.md §1).
 
     z = align(LayerNorm(h) @ W^T + b),   t = align(y),   loss = -mean over rows of cos(z, t)
 
+or, with ln_weight = ln_bias = None (the "mlp" head's last Linear), z = align(h @ W^T + b).
+
 How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
 
 * LayerNorm is folded into the projector: with xhat = (h - mean) * rstd,
@@ -31,20 +33,33 @@ How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
   dz . rowsum(Wf) / D and dz . (z - bf) / D, accumulated in the same K-loop. With resampling the
   means need the source rows: dxhat (M' x D, fp32) goes through the adjoint resampling and the
   LayerNorm backward in `_ln_backward_rows_kernel`.
+* Without LayerNorm the same kernels run with identity row statistics (mean 0, rstd 1: no
+  statistics pass), Wf = W (a copy in the operand dtype) and bf = b; the rows are read contiguous
+  (an MLP's activations are; any other layout is copied once). Backward: dW = G and db (no
+  dgamma, no dbeta), dL/dh = dZ @ W written straight into the hidden gradient (FUSE_LN off) or,
+  when resampled, through the adjoint resampling alone (`_ln_backward_rows_kernel` with
+  LAYER_NORM off); the autograd returns None for ln_weight and ln_bias.
 * No atomics anywhere: every reduction has a fixed order, so results are bitwise reproducible.
 
 Dtypes: hidden fp32/fp16/bf16, the target in the hidden dtype or else fp32 (an exact cast: a
-1e-8-scale fp32 target would vanish in fp16), projector params fp32 or the hidden dtype. Hidden and target are read in their own dtype; the GEMMs multiply tiles of the operand
-dtype (`operand_dtype`, `operand_class`) with fp32 accumulation:
+1e-8-scale fp32 target would vanish in fp16), projector params fp32 or the hidden dtype. Hidden
+and target are read in their own dtype; the GEMMs multiply tiles of the operand dtype
+(`operand_dtype`, `operand_class`) with fp32 accumulation:
 * fp16 for both 16-bit activation dtypes: the xhat tiles, Wf, the dL/dz tiles, the resampled rows
   and repa_loss's saved z. bf16 operands (8 mantissa bits) put the gradients at DESIGN.md §4's
   1e-2 tolerance on model-like inputs; fp16 runs at the same tensor-core speed with 3 more bits.
-  Its narrower range: dL/dz tiles are scaled by a power of two to at most 1 before the cast
-  (dL/dz of a mean over many rows lies far below fp16's normal range) and back after the GEMM;
-  xhat has unit variance; z and Wf are assumed to fit (|z| < 65504: |z_e| <= sqrt(D) |Wf_e| +
-  |bf_e| for LayerNorm'd rows, so only absurd projector weights break it). That is not checked
-  on the host (a sync per call, and no CUDA-graph capture); the forward's row sums are taken from
-  z as stored, so an overflowed z gives a NaN loss, not a finite loss beside inf gradients.
+  Its narrower range: each row of dL/dz is scaled by its own power of two to at most 1 before
+  the cast and back after the GEMM (dL/dz of a mean over many rows lies far below fp16's normal
+  range, and a zero token's reaches 1e11: one scale for all rows flushed the others to 0); the
+  dW GEMM scales each xhat row by a matching power of two, so every product is at most ~2
+  (`_operand_scales`). All scales are exact powers of two, formed on the device. xhat has unit
+  variance; without LayerNorm the rows are an MLP's SiLU activations, which repa_loss's forward
+  casts to fp16 unscaled: they are assumed to lie below 65504 in magnitude, like z (above, z
+  and the loss are not finite; aligned_projection's forward reads them in fp32, the dW GEMM
+  scales them); z and Wf are assumed to fit (|z| < 65504: |z_e| <= sqrt(D) |Wf_e| + |bf_e| for LayerNorm'd
+  rows, so only absurd projector weights break it). That is not checked on the host (a sync per
+  call, and no CUDA-graph capture); the forward's row sums are taken from z as stored, so an
+  overflowed z gives a NaN loss, not a finite loss beside inf gradients.
 * fp32 for fp32 activations: TF32 where torch's fp32 matmul precision allows it, else exact.
 `aligned_projection` returns z in fp32, and for 16-bit activations its forward GEMM multiplies fp32
 xhat and Wf with tf32x3 (`projection_operands`): the U-REPA manifold term amplifies the 3e-4 error
@@ -1191,8 +1206,8 @@ def repa_loss(hidden: Tensor, target: Tensor, ln_weight: Optional[Tensor], ln_bi
               proj_weight: Tensor, proj_bias: Tensor, plan: AlignmentPlan, ln_eps: float) -> Tensor:
     """-mean cos(align(LayerNorm(hidden) @ W^T + b), align(target)), fp32 scalar; hidden (B, S, D)
     may be any strided view; ln_weight = ln_bias = None: no LayerNorm (an MLP head's last Linear).
-    The target is aligned (torch) and kept in its dtype when it is the
-    hidden's, else cast to fp32 (exactly: never to a narrower dtype)."""
+    The target is aligned (torch) and kept in its dtype when it is the hidden's, else cast to
+    fp32 (exactly: never to a narrower dtype)."""
     params = _projector_params(hidden, (ln_weight, ln_bias, proj_weight, proj_bias))
     _check_dtype("target", target)
     t = resample_tokens(target.detach(), plan.b)
@@ -1205,10 +1220,10 @@ def aligned_projection(hidden: Tensor, target: Tensor, ln_weight: Optional[Tenso
                        ln_eps: float) -> Tuple[Tensor, Tensor]:
     """(z, t): z = align(LayerNorm(hidden) @ W^T + b), (B, N', E) **fp32**, differentiable w.r.t.
     hidden and the parameters (ln_weight = ln_bias = None: no LayerNorm); t = align(target),
-    detached, in the target's dtype (the target
-    itself when it is not resampled)."""
+    detached, in the target's dtype (the target itself when it is not resampled)."""
     params = _projector_params(hidden, (ln_weight, ln_bias, proj_weight, proj_bias))
-    z = _aligned_projection_op(_contiguous_without_ln(hidden, ln_weight), *params, *_encode_step(plan.a), float(ln_eps))[0]
+    z = _aligned_projection_op(_contiguous_without_ln(hidden, ln_weight), *params, *_encode_step(plan.a),
+                               float(ln_eps))[0]
     return z, resample_tokens(target.detach(), plan.b)
 
 

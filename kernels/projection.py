@@ -51,15 +51,15 @@ and target are read in their own dtype; the GEMMs multiply tiles of the operand 
   Its narrower range: each row of dL/dz is scaled by its own power of two to at most 1 before
   the cast and back after the GEMM (dL/dz of a mean over many rows lies far below fp16's normal
   range, and a zero token's reaches 1e11: one scale for all rows flushed the others to 0); the
-  dW GEMM scales each xhat row by a matching power of two, so every product is at most ~2
+  dW GEMM scales each xhat row by a matching power of two, so every product is at most 2
   (`_operand_scales`). All scales are exact powers of two, formed on the device. xhat has unit
   variance; without LayerNorm the rows are an MLP's SiLU activations, which repa_loss's forward
   casts to fp16 unscaled: they are assumed to lie below 65504 in magnitude, like z (above, z
   and the loss are not finite; aligned_projection's forward reads them in fp32, the dW GEMM
-  scales them); z and Wf are assumed to fit (|z| < 65504: |z_e| <= sqrt(D) |Wf_e| + |bf_e| for LayerNorm'd
-  rows, so only absurd projector weights break it). That is not checked on the host (a sync per
-  call, and no CUDA-graph capture); the forward's row sums are taken from z as stored, so an
-  overflowed z gives a NaN loss, not a finite loss beside inf gradients.
+  scales them); z and Wf are assumed to fit (|z| < 65504: |z_e| <= sqrt(D) |Wf_e| + |bf_e|
+  for LayerNorm'd rows, so only absurd projector weights break it). That is not checked on the
+  host (a sync per call, and no CUDA-graph capture); the forward's row sums are taken from z as
+  stored, so an overflowed z gives a NaN loss, not a finite loss beside inf gradients.
 * fp32 for fp32 activations: TF32 where torch's fp32 matmul precision allows it, else exact.
 `aligned_projection` returns z in fp32, and for 16-bit activations its forward GEMM multiplies fp32
 xhat and Wf with tf32x3 (`projection_operands`): the U-REPA manifold term amplifies the 3e-4 error
@@ -394,7 +394,7 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta,          # dL/dz: DZ or Alpha*T
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """G = dZ^T xhat (BLOCK_M of E x BLOCK_N of D) and db = colsum(dZ) over one split of the rows.
     fp16 operands: row r of dZ is scaled by s_r = DzScale[r] and of xhat by S / s_r = XScale[r]
-    before the cast, G = acc / S after (`_operand_scales`): every product is at most ~1 and exact
+    before the cast, G = acc / S after (`_operand_scales`): every product is at most 2 and exact
     powers of two cancel, so no row's range sets another's."""
     pid_e = tl.program_id(0)
     pid_d = tl.program_id(1)

@@ -1388,19 +1388,19 @@ def aot_specs() -> Iterator[Dict[str, object]]:
             dz_ptrs = ({"DZ": o, "Z": o, "T": t, "Alpha": f32, "Beta": f32} if from_cosine else
                        {"DZ": f32, "Z": f32, "T": f32, "Alpha": f32, "Beta": f32})
             w = o if from_cosine else f32
-            # (fuse_ln, in place, rows X, Out): fused, the hidden rows, also U-REPA's feature maps in
-            # place (dL/dz handed in); the resampled rows (X unused, dL/dxhat fp32); no LayerNorm and
-            # not resampled: dL/dh straight into the (contiguous) hidden gradient
-            cases = ([(True, False, a, a)] + ([] if from_cosine else [(True, True, a, a)]) + [(False, False, w, f32)]
-                     + ([(False, False, a, a)] if (a, a) != (w, f32) else []))
-            for fuse_ln, in_place, x, out in cases:
+            # (fuse_ln, in place, rows X, Out, label): fused, the hidden rows, also U-REPA's feature
+            # maps in place (dL/dz handed in); the resampled rows (X unused, dL/dxhat fp32); no
+            # LayerNorm and not resampled: dL/dh straight into the (contiguous) hidden gradient, the
+            # resampled rows' configuration for fp32 activations
+            cases = ([(True, False, a, a, "")] + ([] if from_cosine else [(True, True, a, a, ",feature_map")])
+                     + [(False, False, w, f32, "")]
+                     + ([(False, False, a, a, ",no_layer_norm")] if (a, a) != (w, f32) else []))
+            for fuse_ln, in_place, x, out, label in cases:
                 options, blocks = gemm("dx", feature_map=in_place)
-                no_ln = not fuse_ln and out == a
                 yield _spec(_projection_dx_kernel,
                             dict(dz_ptrs, DzScale=f32, WFolded=w, Folded=f32, X=x, Mean=f32, Rstd=f32, Out=out),
                             dict(blocks, DZ_FROM_COSINE=from_cosine, FUSE_LN=fuse_ln, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}"
-                                + (",no_layer_norm" if no_ln else "") + (",feature_map" if in_place else ""),
+                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}{label}",
                             **_contiguous(_projection_dx_kernel, in_place))
             options, blocks = gemm("dw")
             feature_map = [] if from_cosine else [(a, True)]

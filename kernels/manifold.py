@@ -722,7 +722,8 @@ def manifold_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps):
-    """(cosine alignment loss, manifold loss) of one projection, normalised once. The projection
+    """(cosine alignment loss, manifold loss) of one projection, normalised once; ln_weight =
+    ln_bias = None: no LayerNorm (the mlp head's last Linear, `aligned_projection`). The projection
     comes back in fp32 and stays so (its gradient is far below fp16's range); with 16-bit
     activations both losses use fp16 tensor-core operands formed from it."""
     z, t = aligned_projection(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)

@@ -3,6 +3,8 @@ projection half of `urepa_loss` (DESIGN.md §1).
 
     z = align(LayerNorm(h) @ W^T + b),   t = align(y),   loss = -mean over rows of cos(z, t)
 
+or, with ln_weight = ln_bias = None (the "mlp" head's last Linear), z = align(h @ W^T + b).
+
 How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
 
 * LayerNorm is folded into the projector: with xhat = (h - mean) * rstd,
@@ -31,20 +33,33 @@ How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
   dz . rowsum(Wf) / D and dz . (z - bf) / D, accumulated in the same K-loop. With resampling the
   means need the source rows: dxhat (M' x D, fp32) goes through the adjoint resampling and the
   LayerNorm backward in `_ln_backward_rows_kernel`.
+* Without LayerNorm the same kernels run with identity row statistics (mean 0, rstd 1: no
+  statistics pass), Wf = W (a copy in the operand dtype) and bf = b; the rows are read contiguous
+  (an MLP's activations are; any other layout is copied once). Backward: dW = G and db (no
+  dgamma, no dbeta), dL/dh = dZ @ W written straight into the hidden gradient (FUSE_LN off) or,
+  when resampled, through the adjoint resampling alone (`_ln_backward_rows_kernel` with
+  LAYER_NORM off); the autograd returns None for ln_weight and ln_bias.
 * No atomics anywhere: every reduction has a fixed order, so results are bitwise reproducible.
 
 Dtypes: hidden fp32/fp16/bf16, the target in the hidden dtype or else fp32 (an exact cast: a
-1e-8-scale fp32 target would vanish in fp16), projector params fp32 or the hidden dtype. Hidden and target are read in their own dtype; the GEMMs multiply tiles of the operand
-dtype (`operand_dtype`, `operand_class`) with fp32 accumulation:
+1e-8-scale fp32 target would vanish in fp16), projector params fp32 or the hidden dtype. Hidden
+and target are read in their own dtype; the GEMMs multiply tiles of the operand dtype
+(`operand_dtype`, `operand_class`) with fp32 accumulation:
 * fp16 for both 16-bit activation dtypes: the xhat tiles, Wf, the dL/dz tiles, the resampled rows
   and repa_loss's saved z. bf16 operands (8 mantissa bits) put the gradients at DESIGN.md §4's
   1e-2 tolerance on model-like inputs; fp16 runs at the same tensor-core speed with 3 more bits.
-  Its narrower range: dL/dz tiles are scaled by a power of two to at most 1 before the cast
-  (dL/dz of a mean over many rows lies far below fp16's normal range) and back after the GEMM;
-  xhat has unit variance; z and Wf are assumed to fit (|z| < 65504: |z_e| <= sqrt(D) |Wf_e| +
-  |bf_e| for LayerNorm'd rows, so only absurd projector weights break it). That is not checked
-  on the host (a sync per call, and no CUDA-graph capture); the forward's row sums are taken from
-  z as stored, so an overflowed z gives a NaN loss, not a finite loss beside inf gradients.
+  Its narrower range: each row of dL/dz is scaled by its own power of two to at most 1 before
+  the cast and back after the GEMM (dL/dz of a mean over many rows lies far below fp16's normal
+  range, and a zero token's reaches 1e11: one scale for all rows flushed the others to 0); the
+  dW GEMM scales each xhat row by a matching power of two, so every product is at most 2
+  (`_operand_scales`). All scales are exact powers of two, formed on the device. xhat has unit
+  variance; without LayerNorm the rows are an MLP's SiLU activations, which repa_loss's forward
+  casts to fp16 unscaled: they are assumed to lie below 65504 in magnitude, like z (above, z
+  and the loss are not finite; aligned_projection's forward reads them in fp32, the dW GEMM
+  scales them); z and Wf are assumed to fit (|z| < 65504: |z_e| <= sqrt(D) |Wf_e| + |bf_e|
+  for LayerNorm'd rows, so only absurd projector weights break it). That is not checked on the
+  host (a sync per call, and no CUDA-graph capture); the forward's row sums are taken from z as
+  stored, so an overflowed z gives a NaN loss, not a finite loss beside inf gradients.
 * fp32 for fp32 activations: TF32 where torch's fp32 matmul precision allows it, else exact.
 `aligned_projection` returns z in fp32, and for 16-bit activations its forward GEMM multiplies fp32
 xhat and Wf with tf32x3 (`projection_operands`): the U-REPA manifold term amplifies the 3e-4 error
@@ -172,6 +187,25 @@ def _ln_stats_kernel(X, Mean, Rstd,  # X: (B, S, D) strided; Mean, Rstd: (B*S,) 
         squares += tl.sum(centred * centred, axis=1)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, 1.0 / tl.sqrt(squares / D + eps), mask=row_mask)
+
+
+@triton.jit
+def _row_abs_max_kernel(X, Mean, Rstd, Out,  # X: (B, N, D) strided; Mean, Rstd, Out: (B*N,) fp32
+                        M, N, D, stride_xb, stride_xn, stride_xd,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """max |xhat| of each projected row (for the fp16 operand scales of the dW GEMM)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < M
+    row_offs = _row_offsets(rows, N, stride_xb, stride_xn)
+    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    largest = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        xhat = _load_normalized(X, row_offs, mean, rstd, cols, mask, stride_xd)
+        largest = tl.maximum(largest, tl.max(tl.where(mask, tl.abs(xhat), 0.0), axis=1))
+    tl.store(Out + rows, largest, mask=row_mask)
 
 
 @triton.jit
@@ -325,24 +359,29 @@ def _cosine_grad_kernel(Z, T, Alpha, Beta, DZ,  # Z, T: (B, N, E) strided; Alpha
 
 @triton.jit
 def _dw_epilogue(g, db, e, d, pid_e, pid_d, E, D,
-                 W, stride_we, stride_wd, Gamma, Beta, DW, Db, DGammaPart):
+                 W, stride_we, stride_wd, Gamma, Beta, DW, Db, DGammaPart, LAYER_NORM: tl.constexpr):
     """From G = dZ^T xhat and db = colsum(dZ) on an E x D tile: dW = G * gamma + db beta^T,
-    this E-tile's share of dgamma = colsum(W * G), and db itself."""
+    this E-tile's share of dgamma = colsum(W * G), and db itself; without LAYER_NORM dW = G
+    (W, Gamma, Beta, DGammaPart unused)."""
     e_mask = e < E
     d_mask = d < D
     mask = e_mask[:, None] & d_mask[None, :]
-    gamma = tl.load(Gamma + d, mask=d_mask, other=0.0).to(tl.float32)
-    beta = tl.load(Beta + d, mask=d_mask, other=0.0).to(tl.float32)
-    w = tl.load(W + e[:, None] * stride_we + d[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
-    dw = g * gamma[None, :] + db[:, None] * beta[None, :]
-    tl.store(DW + e[:, None] * D + d[None, :], dw.to(DW.dtype.element_ty), mask=mask)
-    tl.store(DGammaPart + pid_e.to(tl.int64) * D + d, tl.sum(w * g, axis=0), mask=d_mask)
+    if LAYER_NORM:
+        gamma = tl.load(Gamma + d, mask=d_mask, other=0.0).to(tl.float32)
+        beta = tl.load(Beta + d, mask=d_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + e[:, None] * stride_we + d[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
+        dw = g * gamma[None, :] + db[:, None] * beta[None, :]
+        tl.store(DW + e[:, None] * D + d[None, :], dw.to(DW.dtype.element_ty), mask=mask)
+        tl.store(DGammaPart + pid_e.to(tl.int64) * D + d, tl.sum(w * g, axis=0), mask=d_mask)
+    else:
+        tl.store(DW + e[:, None] * D + d[None, :], g.to(DW.dtype.element_ty), mask=mask)
     if pid_d == 0:
         tl.store(Db + e, db, mask=e_mask)
 
 
 @triton.jit
-def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*T + Beta*(Z + bf), all (B, N, E); DzScale: (1,)
+def _projection_dw_kernel(DZ, Z, T, Alpha, Beta,          # dL/dz: DZ or Alpha*T + Beta*(Z + bf), all (B, N, E)
+                          DzScale, XScale, GScale,         # (B*N,), (B*N,), (1,) powers of two; fp32: (1,) ones
                           Folded,                          # (2, E) fp32: bf, rowsum Wf
                           X, Mean, Rstd,                   # projected rows, as in the forward
                           W, Gamma, Beta_ln,               # W: (E, D) strided; Gamma, Beta_ln: (D,)
@@ -351,10 +390,12 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*
                           M, N, D, E, rows_per_split, num_splits,
                           stride_dzb, stride_dzn, stride_dze, stride_zb, stride_zn, stride_ze,
                           stride_tb, stride_tn, stride_te, stride_xb, stride_xn, stride_xd, stride_we, stride_wd,
-                          DZ_FROM_COSINE: tl.constexpr, OPERANDS: tl.constexpr,
+                          DZ_FROM_COSINE: tl.constexpr, LAYER_NORM: tl.constexpr, OPERANDS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """G = dZ^T xhat (BLOCK_M of E x BLOCK_N of D) and db = colsum(dZ) over one split of the rows.
-    dZ tiles are scaled by a power of two before the operand cast (fp16 range), undone after."""
+    fp16 operands: row r of dZ is scaled by s_r = DzScale[r] and of xhat by S / s_r = XScale[r]
+    before the cast, G = acc / S after (`_operand_scales`): every product is at most 2 and exact
+    powers of two cancel, so no row's range sets another's."""
     pid_e = tl.program_id(0)
     pid_d = tl.program_id(1)
     split = tl.program_id(2)
@@ -362,7 +403,8 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*
     d = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     e_mask = e < E
     d_mask = d < D
-    scale = tl.load(DzScale)
+    # 1 for fp32 operands: the multiply by it keeps the fp32 register use (180 on triton 3.6, 255 without)
+    g_scale = tl.load(GScale)
     if DZ_FROM_COSINE:
         bias = tl.load(Folded + e, mask=e_mask, other=0.0)[:, None]
     else:
@@ -393,12 +435,17 @@ def _projection_dw_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz: DZ or Alpha*
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
         xhat = _load_normalized(X, _row_offsets(rows, N, stride_xb, stride_xn), mean, rstd, d,
                                 row_mask[:, None] & d_mask[None, :], stride_xd)
-        acc = _dot(dz_t * scale, xhat, acc, OPERANDS)
-    acc = acc * (1.0 / scale)
+        if OPERANDS == "fp16":
+            dz_t = dz_t * tl.load(DzScale + rows, mask=row_mask, other=1.0)[None, :]
+            xhat = xhat * tl.load(XScale + rows, mask=row_mask, other=1.0)[:, None]
+        else:
+            dz_t = dz_t * g_scale
+        acc = _dot(dz_t, xhat, acc, OPERANDS)
+    acc = acc * (1.0 / g_scale)
     db = tl.reshape(db, (BLOCK_M,))
     if num_splits == 1:
         _dw_epilogue(acc, db, e, d, pid_e, pid_d, E, D, W, stride_we, stride_wd, Gamma, Beta_ln,
-                     DW, Db, DGammaPart)
+                     DW, Db, DGammaPart, LAYER_NORM)
     else:
         part = GPart + split.to(tl.int64) * E * D
         tl.store(part + e[:, None] * D + d[None, :], acc, mask=e_mask[:, None] & d_mask[None, :])
@@ -411,7 +458,8 @@ def _dw_split_reduce_kernel(GPart, DbPart,                    # (splits, E, D), 
                             W, Gamma, Beta_ln, DW, Db, DGammaPart,  # as in _projection_dw_kernel
                             E, D, SPLITS, stride_we, stride_wd,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Second stage of the row-split dW GEMM: the splits summed in order, then its epilogue."""
+    """Second stage of the row-split dW GEMM: the splits summed in order, then its epilogue (with
+    LayerNorm; without, dW = G is the splits' sum alone: `_projection_backward`)."""
     pid_e = tl.program_id(0)
     pid_d = tl.program_id(1)
     e = pid_e * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -424,7 +472,7 @@ def _dw_split_reduce_kernel(GPart, DbPart,                    # (splits, E, D), 
         g += tl.load(GPart + split * E * D + e[:, None] * D + d[None, :], mask=mask, other=0.0)
         db += tl.load(DbPart + split * E + e, mask=e_mask, other=0.0)
     _dw_epilogue(g, db, e, d, pid_e, pid_d, E, D, W, stride_we, stride_wd, Gamma, Beta_ln,
-                 DW, Db, DGammaPart)
+                 DW, Db, DGammaPart, True)
 
 
 @triton.jit
@@ -444,10 +492,11 @@ def _weight_t_vec_kernel(W, V, Out,  # W: (E, D) strided; V: (E,) fp32; Out: (D,
 
 
 @triton.jit
-def _projection_dx_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz as in _projection_dw_kernel
+def _projection_dx_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz, its row scales as in _projection_dw_kernel
                           WFolded, Folded,                 # (E, D) operand dtype; (2, E) fp32 (bf, rowsum Wf)
                           X, Mean, Rstd,                   # FUSE_LN: the hidden rows (B, N, D) strided, their stats
-                          Out,                             # FUSE_LN: dL/dh (B, N, D); else dL/dxhat, fp32
+                          Out,                             # FUSE_LN: dL/dh (B, N, D); else dL/dxhat (fp32 or,
+                                                           # no LayerNorm nor resampling, dL/dh)
                           M, N, D, E,
                           stride_dzb, stride_dzn, stride_dze, stride_zb, stride_zn, stride_ze,
                           stride_tb, stride_tn, stride_te, stride_xb, stride_xn, stride_xd,
@@ -457,7 +506,9 @@ def _projection_dx_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz as in _projec
                           BLOCK_K: tl.constexpr):
     """dxhat = dZ @ Wf on a BLOCK_M x BLOCK_N (of D) tile. FUSE_LN (rows not resampled): the
     LayerNorm backward in the epilogue, its row means dz.rowsum(Wf)/D and dz.(z - bf)/D summed
-    in the K-loop (Z holds z - bf: no cancellation against a large bias)."""
+    in the K-loop (Z holds z - bf: no cancellation against a large bias). fp16 operands: row r
+    of dZ is multiplied by the power of two DzScale[r] before the cast and the row of the result
+    divided by it: exact, and each row keeps its own range."""
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -472,7 +523,10 @@ def _projection_dx_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz as in _projec
     dz_rows = _row_offsets(rows, N, stride_dzb, stride_dzn)
     z_rows = _row_offsets(rows, N, stride_zb, stride_zn)
     t_rows = _row_offsets(rows, N, stride_tb, stride_tn)
-    scale = tl.load(DzScale)
+    if OPERANDS == "fp16":
+        scale = tl.load(DzScale + rows, mask=row_mask, other=1.0)[:, None]
+    else:  # (1,) = 1, read as the fp16 scales are: the fp32 register use stays as it was
+        scale = tl.load(DzScale)
     mean_dx = tl.zeros([BLOCK_M], dtype=tl.float32)
     mean_dx_xhat = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -505,40 +559,58 @@ def _projection_dx_kernel(DZ, Z, T, Alpha, Beta, DzScale,  # dL/dz as in _projec
 
 
 @triton.jit
+def _adjoint_resampled(GradXhat, AdjIndex, AdjWeight, batch, token, row_mask, d, mask, N, D, K,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_k w[s, k] * GradXhat[b, index[s, k], d] on a (rows, d) tile, fp32."""
+    g = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        dst = tl.load(AdjIndex + token * K + k, mask=row_mask, other=0)
+        weight = tl.load(AdjWeight + token * K + k, mask=row_mask, other=0.0)
+        g += weight[:, None] * tl.load(GradXhat + ((batch * N + dst) * D)[:, None] + d[None, :], mask=mask, other=0.0)
+    return g
+
+
+@triton.jit
 def _ln_backward_rows_kernel(GradXhat,               # (B, N, D) fp32 dL/d(resampled xhat)
                              AdjIndex, AdjWeight,    # (S, K) int64 output token, fp32 weight per source token
                              X, Mean, Rstd, DX,      # X, DX: (B, S, D) strided; Mean, Rstd: (B*S,)
                              M, S, N, D, K, stride_xb, stride_xs, stride_xd, stride_ob, stride_os, stride_od,
-                             BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                             LAYER_NORM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Adjoint resampling (g[s] = sum_k w[s, k] * GradXhat[index[s, k]]) and the LayerNorm
-    backward dh = rstd * (g - mean(g) - xhat * mean(g * xhat)), two passes over each row."""
+    backward dh = rstd * (g - mean(g) - xhat * mean(g * xhat)), two passes over each row;
+    without LAYER_NORM dh = g, one pass (X, Mean, Rstd unused)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < M
-    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
     batch = rows // S
     token = rows - batch * S
-    x_offs = _row_offsets(rows, S, stride_xb, stride_xs)
     out_offs = _row_offsets(rows, S, stride_ob, stride_os)
-    mean_g = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-    mean_g_xhat = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-    for sweep in tl.static_range(2):
+    if LAYER_NORM:
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        x_offs = _row_offsets(rows, S, stride_xb, stride_xs)
+        mean_g = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+        mean_g_xhat = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+        for sweep in tl.static_range(2):
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                mask = row_mask[:, None] & (d < D)[None, :]
+                g = _adjoint_resampled(GradXhat, AdjIndex, AdjWeight, batch, token, row_mask, d, mask, N, D, K,
+                                       BLOCK_ROWS, BLOCK_D)
+                xhat = _load_normalized(X, x_offs, mean, rstd, d, mask, stride_xd)
+                if sweep == 0:
+                    mean_g += tl.sum(g, axis=1)
+                    mean_g_xhat += tl.sum(g * xhat, axis=1)
+                else:
+                    dx = rstd[:, None] * (g - mean_g[:, None] / D - xhat * (mean_g_xhat[:, None] / D))
+                    tl.store(DX + out_offs[:, None] + d[None, :] * stride_od, dx.to(DX.dtype.element_ty),
+                             mask=mask)
+    else:
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (d < D)[None, :]
-            g = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=tl.float32)
-            for k in range(K):
-                dst = tl.load(AdjIndex + token * K + k, mask=row_mask, other=0)
-                weight = tl.load(AdjWeight + token * K + k, mask=row_mask, other=0.0)
-                g += weight[:, None] * tl.load(GradXhat + ((batch * N + dst) * D)[:, None] + d[None, :],
-                                               mask=mask, other=0.0)
-            xhat = _load_normalized(X, x_offs, mean, rstd, d, mask, stride_xd)
-            if sweep == 0:
-                mean_g += tl.sum(g, axis=1)
-                mean_g_xhat += tl.sum(g * xhat, axis=1)
-            else:
-                dx = rstd[:, None] * (g - mean_g[:, None] / D - xhat * (mean_g_xhat[:, None] / D))
-                tl.store(DX + out_offs[:, None] + d[None, :] * stride_od, dx.to(DX.dtype.element_ty), mask=mask)
+            g = _adjoint_resampled(GradXhat, AdjIndex, AdjWeight, batch, token, row_mask, d, mask, N, D, K,
+                                   BLOCK_ROWS, BLOCK_D)
+            tl.store(DX + out_offs[:, None] + d[None, :] * stride_od, g.to(DX.dtype.element_ty), mask=mask)
 
 
 # =============================================================================================
@@ -584,6 +656,9 @@ FEATURE_MAP_GEMM_CONFIGS = {
 }
 GROUP_M = 8
 ROW_BLOCK = (32, 128, 4)  # BLOCK_ROWS, BLOCK_D, num_warps of the row kernels
+# the adjoint resampling without LayerNorm over 4 warps takes 8 stack bytes (96 registers, 16-bit
+# rows, triton 3.9 sm_90); over 8 warps none
+ADJOINT_ONLY_WARPS = 8
 FINISH_BLOCK = 256
 VEC_BLOCK = (64, 64, 4)  # BLOCK_E, BLOCK_D, num_warps of W^T v
 # The interpreter has no SM count; this is an H100's, so tests take the launch paths a GPU would.
@@ -719,14 +794,19 @@ def _resample_normalized(hidden: torch.Tensor, stats: torch.Tensor, step: Resamp
     return out
 
 
+def _identity_stats(rows: int, device: torch.device) -> torch.Tensor:
+    """(2, rows) fp32 (mean, rstd) = (0, 1): rows the GEMMs read as they are."""
+    identity = torch.zeros(2, rows, device=device, dtype=torch.float32)
+    identity[1] = 1.0
+    return identity
+
+
 def _projected_rows(hidden, stats, xa) -> Tuple[torch.Tensor, torch.Tensor]:
     """The rows the GEMMs project and their (mean, rstd): the hidden rows, or the already
     normalised resampled rows (statistics 0 and 1)."""
     if xa.numel() == 0:
         return hidden, stats
-    identity = torch.zeros(2, xa.shape[0] * xa.shape[1], device=xa.device, dtype=torch.float32)
-    identity[1] = 1.0
-    return xa, identity
+    return xa, _identity_stats(xa.shape[0] * xa.shape[1], xa.device)
 
 
 def _projection_forward(x, x_stats, w_folded, folded, t: Optional[torch.Tensor], z_dtype: torch.dtype,
@@ -754,31 +834,59 @@ def _projection_forward(x, x_stats, w_folded, folded, t: Optional[torch.Tensor],
     return z, row_terms
 
 
-def _dz_scale(bound: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """(1,) fp32 power of two bringing |dL/dz| <= bound to at most 1 before the fp16 operand cast
-    (dL/dz of a mean over many rows lies far below fp16's normal range); 1 without a bound (fp32
-    operands)."""
-    if bound is None:
-        return torch.ones(1, device=device, dtype=torch.float32)
-    return torch.exp2(-torch.ceil(torch.log2(bound.float().clamp(2.0 ** -60, 2.0 ** 60)))).reshape(1)
+def _power_of_two_below(bound: torch.Tensor) -> torch.Tensor:
+    """fp32 powers of two s in [2^-60, 2^60] with s * bound <= 1 (elementwise)."""
+    return torch.exp2(-torch.ceil(torch.log2(bound.float().clamp(2.0 ** -60, 2.0 ** 60))))
+
+
+def _row_abs_max(x: torch.Tensor, x_stats: torch.Tensor) -> torch.Tensor:
+    """(B*N,) fp32 max |xhat| of each projected row."""
+    batch, tokens, dim = x.shape
+    out = torch.empty(batch * tokens, device=x.device, dtype=torch.float32)
+    rows, block_d, warps = ROW_BLOCK
+    _row_abs_max_kernel[(triton.cdiv(batch * tokens, rows),)](
+        x, x_stats[0], x_stats[1], out, batch * tokens, tokens, dim, *_strides3(x),
+        BLOCK_ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    return out
+
+
+def _operand_scales(bound: torch.Tensor, x: torch.Tensor, x_stats: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The fp16 operand scales of the backward GEMMs from `bound` (B*N,) >= |dL/dz| per row
+    (dL/dz of a mean over many rows lies far below fp16's normal range, and one row of a zero
+    token reaches 1e11): dz_scale s_r brings row r of dL/dz to at most 1; x_scale S / s_r and
+    g_scale S, S = 2^-ceil(log2 max_r(bound_r max|xhat_r|)), make every product of the dW GEMM
+    at most 2 (a row with xhat = 0 adds exactly 0, whatever its dL/dz). All are powers of two in
+    fp32's normal range, so the scaling is exact; computed on the device, no host sync."""
+    dz_scale = _power_of_two_below(bound)
+    g_scale = _power_of_two_below((bound.float() * _row_abs_max(x, x_stats)).amax().reshape(1))
+    return dz_scale, g_scale / dz_scale, g_scale
 
 
 def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight, ln_bias, proj_weight,
-                         w_folded, folded, step: Optional[Resample], dz_scale: torch.Tensor):
+                         w_folded, folded, step: Optional[Resample], bound: torch.Tensor):
     """Gradients (hidden, ln_weight, ln_bias, proj_weight, proj_bias) from dL/dz, which is grad_z,
-    or alpha * t + beta * z when grad_z is None; `z` holds z - bf (`_projection_forward`)."""
+    or alpha * t + beta * z when grad_z is None; `z` holds z - bf (`_projection_forward`); `bound`
+    (B*N',) >= |dL/dz| per row. Without LayerNorm (ln_weight None) its gradients are empty."""
     x, x_stats = _projected_rows(hidden, stats, xa)
     batch, tokens, dim = x.shape
     e_dim = proj_weight.shape[0]
     rows = batch * tokens
     device = x.device
     from_cosine = grad_z is None
+    layer_norm = ln_weight is not None
     dz = z if from_cosine else grad_z
     if from_cosine:
         t_arg, alpha_arg, beta_arg = t, alpha, beta
     else:  # unused pointers of the cosine form
-        t_arg, alpha_arg, beta_arg = grad_z, dz_scale, dz_scale
+        t_arg, alpha_arg, beta_arg = grad_z, folded, folded
     operands = operand_class(hidden.dtype)  # x, w_folded: fp32 after aligned_projection's forward
+    # only fp16 operands are scaled (else the kernels read one scale of 1)
+    if operands == "fp16":
+        dz_scale, x_scale, g_scale = _operand_scales(bound, x, x_stats)
+    else:
+        dz_scale = x_scale = g_scale = torch.ones(1, device=device, dtype=torch.float32)
+    # without LayerNorm the epilogues read no gamma, beta nor W and write no dgamma
+    gamma, beta_ln = (ln_weight, ln_bias) if layer_norm else (proj_weight, proj_weight)
     f32 = dict(device=device, dtype=torch.float32)
 
     # weight side: G = dZ^T xhat, db
@@ -787,25 +895,29 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
     tiles_e, tiles_d = triton.cdiv(e_dim, config.block_m), triton.cdiv(dim, config.block_n)
     grad_w = torch.empty(e_dim, dim, device=device, dtype=proj_weight.dtype)
     grad_b = torch.empty(e_dim, **f32)
-    gamma_part = torch.empty(tiles_e, dim, **f32)
+    gamma_part = torch.empty(tiles_e if layer_norm else 0, dim, **f32)
     g_part = torch.empty(splits if splits > 1 else 0, e_dim, dim, **f32)
     db_part = torch.empty(splits if splits > 1 else 0, e_dim, **f32)
     _projection_dw_kernel[(tiles_e, tiles_d, splits)](
-        dz, z, t_arg, alpha_arg, beta_arg, dz_scale, folded, x, x_stats[0], x_stats[1], proj_weight, ln_weight, ln_bias,
-        grad_w, grad_b, gamma_part, g_part, db_part, rows, tokens, dim, e_dim, rows_per_split, splits,
+        dz, z, t_arg, alpha_arg, beta_arg, dz_scale, x_scale, g_scale, folded, x, x_stats[0], x_stats[1], proj_weight,
+        gamma, beta_ln, grad_w, grad_b, gamma_part, g_part, db_part, rows, tokens, dim, e_dim, rows_per_split, splits,
         *_strides3(dz), *_strides3(z), *_strides3(t_arg), *_strides3(x), *proj_weight.stride(),
-        DZ_FROM_COSINE=from_cosine, OPERANDS=operands, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
-    if splits > 1:
+        DZ_FROM_COSINE=from_cosine, LAYER_NORM=layer_norm, OPERANDS=operands, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+    if splits > 1 and layer_norm:
         _dw_split_reduce_kernel[(tiles_e, tiles_d)](
             g_part, db_part, proj_weight, ln_weight, ln_bias, grad_w, grad_b, gamma_part, e_dim, dim,
             splits, *proj_weight.stride(), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps)
+    elif splits > 1:  # dW = G, db: the splits summed by torch (a fixed order, no atomics)
+        grad_w.copy_(g_part.sum(0))
+        grad_b.copy_(db_part.sum(0))
 
-    # input side: dxhat = dZ @ Wf, then the LayerNorm backward (fused without resampling)
+    # input side: dxhat = dZ @ Wf, then the LayerNorm backward (fused without resampling); without
+    # LayerNorm dxhat is dL/dh, written in place when not resampled
     grad_hidden = torch.empty_like(hidden)
-    fuse_ln = step is None
-    out = grad_hidden if fuse_ln else torch.empty(batch, tokens, dim, **f32)
+    fuse_ln = step is None and layer_norm
+    out = grad_hidden if step is None else torch.empty(batch, tokens, dim, **f32)
     config = gemm_config("dx", operands, fuse_ln and _is_feature_map(x))
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(dim, config.block_n),)
     _projection_dx_kernel[grid](
@@ -814,14 +926,17 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
         DZ_FROM_COSINE=from_cosine, FUSE_LN=fuse_ln, OPERANDS=operands, GROUP_M=GROUP_M,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if not fuse_ln:
+    if step is not None:
         adj_index, adj_weight = _device_taps(step, device, True)
         src_rows = hidden.shape[0] * hidden.shape[1]
         block_rows, block_d, warps = ROW_BLOCK
         _ln_backward_rows_kernel[(triton.cdiv(src_rows, block_rows),)](
             out, adj_index, adj_weight, hidden, stats[0], stats[1], grad_hidden, src_rows, hidden.shape[1], tokens,
             dim, adj_index.shape[1], *_strides3(hidden), *_strides3(grad_hidden),
-            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
+            LAYER_NORM=layer_norm, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+            num_warps=warps if layer_norm else ADJOINT_ONLY_WARPS)
+    if not layer_norm:
+        return grad_hidden, proj_weight.new_empty(0), proj_weight.new_empty(0), grad_w, grad_b.to(proj_weight.dtype)
     grad_beta = torch.empty(dim, **f32)
     _weight_t_vec_kernel[(triton.cdiv(dim, VEC_BLOCK[1]),)](
         proj_weight, grad_b, grad_beta, e_dim, dim, *proj_weight.stride(), BLOCK_E=VEC_BLOCK[0],
@@ -873,10 +988,17 @@ def _encode_step(step: Optional[Resample]) -> Tuple[str, List[int], List[int]]:
 
 
 def _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps, operand: torch.dtype):
-    """(stats, xa, w_folded, folded); the resampled rows xa and Wf in the `operand` dtype."""
-    stats = _ln_stats(hidden, ln_eps)
+    """(stats, xa, w_folded, folded); the resampled rows xa and Wf in the `operand` dtype. Without
+    LayerNorm (ln_weight None) the statistics are the identity, Wf = W and bf = b (folded[1],
+    rowsum(Wf), is read only by the LayerNorm backward: zeros)."""
+    if ln_weight is None:
+        stats = _identity_stats(hidden.shape[0] * hidden.shape[1], hidden.device)
+        w_folded = proj_weight.to(dtype=operand, memory_format=torch.contiguous_format, copy=True)
+        folded = torch.stack((proj_bias.float(), torch.zeros_like(proj_bias, dtype=torch.float32)))
+    else:
+        stats = _ln_stats(hidden, ln_eps)
+        w_folded, folded = _fold_params(ln_weight, ln_bias, proj_weight, proj_bias, operand)
     xa = hidden.new_empty(0) if step is None else _resample_normalized(hidden, stats, step, operand)
-    w_folded, folded = _fold_params(ln_weight, ln_bias, proj_weight, proj_bias, operand)
     return stats, xa, w_folded, folded
 
 
@@ -892,10 +1014,12 @@ def _fake_common(hidden, proj_weight, kind, dst, operand: torch.dtype):
 
 
 @torch.library.custom_op("repa_fast::triton_repa_loss", mutates_args=())
-def _repa_loss_op(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
+def _repa_loss_op(hidden: Tensor, target: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                  proj_weight: Tensor,
                   proj_bias: Tensor, resample_kind: str, resample_src: List[int], resample_dst: List[int],
                   ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, z, stats, xa, row_terms, w_folded, folded); target already aligned, in the hidden dtype or fp32."""
+    """(loss, z, stats, xa, row_terms, w_folded, folded); target already aligned, in the hidden dtype or fp32;
+    ln_weight = ln_bias = None: no LayerNorm."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
     operand = operand_dtype(hidden.dtype)
     stats, xa, w_folded, folded = _forward_common(hidden, ln_weight, ln_bias, proj_weight, proj_bias, step, ln_eps,
@@ -916,6 +1040,13 @@ def _repa_loss_fake(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, 
             hidden.new_empty(4, batch * aligned, dtype=torch.float32), w_folded, folded)
 
 
+def _layer_norm_grads_or_none(ln_weight: Optional[Tensor], grads: Tuple[Tensor, ...]) -> Tuple[Optional[Tensor], ...]:
+    """The projection backward's gradients, None for ln_weight and ln_bias without LayerNorm."""
+    if ln_weight is None:
+        return grads[0], None, None, grads[3], grads[4]
+    return grads
+
+
 def _repa_loss_setup(ctx, inputs, output):
     hidden, target, ln_weight, ln_bias, proj_weight, _, kind, src, dst, _ = inputs
     _, z, stats, xa, row_terms, w_folded, folded = output
@@ -925,9 +1056,9 @@ def _repa_loss_setup(ctx, inputs, output):
 
 def _repa_loss_backward(ctx, grad_loss, *unused_grads):
     hidden, target, ln_weight, ln_bias, proj_weight, z, stats, xa, row_terms, w_folded, folded = ctx.saved_tensors
-    grads = torch.ops.repa_fast.triton_projection_backward(
+    grads = _layer_norm_grads_or_none(ln_weight, torch.ops.repa_fast.triton_projection_backward(
         None, z, target, row_terms, grad_loss, hidden, stats, xa, ln_weight, ln_bias, proj_weight, w_folded, folded,
-        *ctx.step)
+        *ctx.step))
     return grads[0], None, grads[1], grads[2], grads[3], grads[4], None, None, None, None
 
 
@@ -935,7 +1066,7 @@ _repa_loss_op.register_autograd(_repa_loss_backward, setup_context=_repa_loss_se
 
 
 @torch.library.custom_op("repa_fast::triton_aligned_projection", mutates_args=())
-def _aligned_projection_op(hidden: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
+def _aligned_projection_op(hidden: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], proj_weight: Tensor,
                            proj_bias: Tensor, resample_kind: str, resample_src: List[int], resample_dst: List[int],
                            ln_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(z fp32, z - bf fp32 (what the backward reads), stats, xa, w_folded, folded). The forward
@@ -968,8 +1099,9 @@ def _aligned_projection_setup(ctx, inputs, output):
 
 def _aligned_projection_backward(ctx, grad_z, *unused_grads):
     hidden, ln_weight, ln_bias, proj_weight, z_free, stats, xa, w_folded, folded = ctx.saved_tensors
-    grads = torch.ops.repa_fast.triton_projection_backward(
-        grad_z, z_free, None, None, None, hidden, stats, xa, ln_weight, ln_bias, proj_weight, w_folded, folded, *ctx.step)
+    grads = _layer_norm_grads_or_none(ln_weight, torch.ops.repa_fast.triton_projection_backward(
+        grad_z, z_free, None, None, None, hidden, stats, xa, ln_weight, ln_bias, proj_weight, w_folded, folded,
+        *ctx.step))
     return grads[0], grads[1], grads[2], grads[3], grads[4], None, None, None, None
 
 
@@ -979,28 +1111,33 @@ _aligned_projection_op.register_autograd(_aligned_projection_backward, setup_con
 @torch.library.custom_op("repa_fast::triton_projection_backward", mutates_args=())
 def _projection_backward_op(grad_z: Optional[Tensor], z: Tensor, target: Optional[Tensor],
                             row_terms: Optional[Tensor], grad_loss: Optional[Tensor], hidden: Tensor, stats: Tensor,
-                            xa: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor, w_folded: Tensor,
+                            xa: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], proj_weight: Tensor,
+                            w_folded: Tensor,
                             folded: Tensor, resample_kind: str, resample_src: List[int],
                             resample_dst: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (hidden, ln_weight, ln_bias, proj_weight, proj_bias) from grad_z, or from the
-    cosine loss's row terms scaled by grad_loss when grad_z is None."""
+    cosine loss's row terms scaled by grad_loss when grad_z is None; without LayerNorm the
+    ln_weight and ln_bias gradients are empty."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
-    fp16 = operand_class(hidden.dtype) == "fp16"  # only fp16 operands need dL/dz rescaled
     if grad_z is None:
         alpha, beta = row_terms[1:3] * grad_loss
-        dz_scale = _dz_scale(row_terms[3].max() * grad_loss.abs() if fp16 else None, hidden.device)
+        bound = row_terms[3] * grad_loss.abs()
     else:
         alpha = beta = None
-        dz_scale = _dz_scale(grad_z.abs().max() if fp16 else None, hidden.device)
+        bound = grad_z.abs().amax(dim=-1).reshape(-1)
     return _projection_backward(grad_z, z, target, alpha, beta, hidden, stats, xa, ln_weight, ln_bias, proj_weight,
-                                w_folded, folded, step, dz_scale)
+                                w_folded, folded, step, bound)
 
 
 @_projection_backward_op.register_fake
 def _projection_backward_fake(grad_z, z, target, row_terms, grad_loss, hidden, stats, xa, ln_weight, ln_bias,
                               proj_weight, w_folded, folded, resample_kind, resample_src, resample_dst):
-    return (torch.empty_like(hidden), ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape),
-            proj_weight.new_empty(proj_weight.shape), proj_weight.new_empty(proj_weight.shape[0]))
+    if ln_weight is None:
+        grad_ln_weight, grad_ln_bias = proj_weight.new_empty(0), proj_weight.new_empty(0)
+    else:
+        grad_ln_weight, grad_ln_bias = ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape)
+    return (torch.empty_like(hidden), grad_ln_weight, grad_ln_bias, proj_weight.new_empty(proj_weight.shape),
+            proj_weight.new_empty(proj_weight.shape[0]))
 
 
 @torch.library.custom_op("repa_fast::triton_cosine_alignment", mutates_args=())
@@ -1048,35 +1185,45 @@ def _check_dtype(name: str, x: Tensor) -> None:
                         "use backend='torch' for float64")
 
 
-def _projector_params(hidden: Tensor, params: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
-    """The four projector parameters in one dtype: theirs when they share fp32 or the hidden
-    dtype, else fp32 (the cast is differentiable)."""
+def _projector_params(hidden: Tensor, params: Tuple[Optional[Tensor], ...]) -> Tuple[Optional[Tensor], ...]:
+    """The projector parameters (ln_weight, ln_bias, proj_weight, proj_bias; the first two both
+    None without LayerNorm) in one dtype: theirs when they share fp32 or the hidden dtype, else
+    fp32 (the cast is differentiable)."""
     _check_dtype("hidden", hidden)
-    dtypes = {p.dtype for p in params}
+    dtypes = {p.dtype for p in params if p is not None}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, hidden.dtype):
-        return tuple(p.float() for p in params)
+        return tuple(None if p is None else p.float() for p in params)
     return params
 
 
-def repa_loss(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
-              proj_bias: Tensor, plan: AlignmentPlan, ln_eps: float) -> Tensor:
+def _contiguous_without_ln(hidden: Tensor, ln_weight: Optional[Tensor]) -> Tensor:
+    """Without LayerNorm the rows are an MLP's activations, contiguous already: any other layout
+    is copied once (differentiably), so the kernels see no feature map read in place there."""
+    return hidden.contiguous() if ln_weight is None else hidden
+
+
+def repa_loss(hidden: Tensor, target: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+              proj_weight: Tensor, proj_bias: Tensor, plan: AlignmentPlan, ln_eps: float) -> Tensor:
     """-mean cos(align(LayerNorm(hidden) @ W^T + b), align(target)), fp32 scalar; hidden (B, S, D)
-    may be any strided view. The target is aligned (torch) and kept in its dtype when it is the
-    hidden's, else cast to fp32 (exactly: never to a narrower dtype)."""
+    may be any strided view; ln_weight = ln_bias = None: no LayerNorm (an MLP head's last Linear).
+    The target is aligned (torch) and kept in its dtype when it is the hidden's, else cast to
+    fp32 (exactly: never to a narrower dtype)."""
     params = _projector_params(hidden, (ln_weight, ln_bias, proj_weight, proj_bias))
     _check_dtype("target", target)
     t = resample_tokens(target.detach(), plan.b)
     t = t if t.dtype == hidden.dtype else t.float()
-    return _repa_loss_op(hidden, t, *params, *_encode_step(plan.a), float(ln_eps))[0]
+    return _repa_loss_op(_contiguous_without_ln(hidden, ln_weight), t, *params, *_encode_step(plan.a), float(ln_eps))[0]
 
 
-def aligned_projection(hidden: Tensor, target: Tensor, ln_weight: Tensor, ln_bias: Tensor, proj_weight: Tensor,
-                       proj_bias: Tensor, plan: AlignmentPlan, ln_eps: float) -> Tuple[Tensor, Tensor]:
+def aligned_projection(hidden: Tensor, target: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                       proj_weight: Tensor, proj_bias: Tensor, plan: AlignmentPlan,
+                       ln_eps: float) -> Tuple[Tensor, Tensor]:
     """(z, t): z = align(LayerNorm(hidden) @ W^T + b), (B, N', E) **fp32**, differentiable w.r.t.
-    hidden and the four parameters; t = align(target), detached, in the target's dtype (the target
-    itself when it is not resampled)."""
+    hidden and the parameters (ln_weight = ln_bias = None: no LayerNorm); t = align(target),
+    detached, in the target's dtype (the target itself when it is not resampled)."""
     params = _projector_params(hidden, (ln_weight, ln_bias, proj_weight, proj_bias))
-    z = _aligned_projection_op(hidden, *params, *_encode_step(plan.a), float(ln_eps))[0]
+    z = _aligned_projection_op(_contiguous_without_ln(hidden, ln_weight), *params, *_encode_step(plan.a),
+                               float(ln_eps))[0]
     return z, resample_tokens(target.detach(), plan.b)
 
 
@@ -1171,9 +1318,20 @@ def aot_specs() -> Iterator[Dict[str, object]]:
                 yield _spec(_resample_normalized_kernel, {"X": a, "Mean": f32, "Rstd": f32, "TapIndex": "*i64",
                                                           "TapWeight": f32, "Out": out}, row_blocks, warps,
                             tag=f"{layout}->{out[1:]}", **_contiguous(_resample_normalized_kernel, feature_map))
-            yield _spec(_ln_backward_rows_kernel, {"GradXhat": f32, "AdjIndex": "*i64", "AdjWeight": f32, "X": a,
-                                                   "Mean": f32, "Rstd": f32, "DX": a}, row_blocks, warps,
-                        tag=layout, **_contiguous(_ln_backward_rows_kernel, feature_map))
+            for layer_norm in (True, False) if not feature_map else (True,):  # see _contiguous_without_ln
+                yield _spec(_ln_backward_rows_kernel, {"GradXhat": f32, "AdjIndex": "*i64", "AdjWeight": f32,
+                                                       "X": a, "Mean": f32, "Rstd": f32, "DX": a},
+                            dict(row_blocks, LAYER_NORM=layer_norm), warps if layer_norm else ADJOINT_ONLY_WARPS,
+                            tag=f"{layout},layer_norm={layer_norm}",
+                            **_contiguous(_ln_backward_rows_kernel, feature_map))
+            # fp16 operands' dW scales: max |xhat| of the hidden rows, or (below) of the resampled ones
+            if act != torch.float32:
+                yield _spec(_row_abs_max_kernel, {"X": a, "Mean": f32, "Rstd": f32, "Out": f32}, row_blocks, warps,
+                            tag=layout, **_contiguous(_row_abs_max_kernel, feature_map))
+        if act != torch.float32:
+            for x in sorted({o, f32} - {a}):
+                yield _spec(_row_abs_max_kernel, {"X": x, "Mean": f32, "Rstd": f32, "Out": f32}, row_blocks, warps,
+                            tag=f"{tag},resampled={x[1:]}", **_contiguous(_row_abs_max_kernel))
         for param in _param_dtypes(act):
             p = _PTR[param]
             for out in sorted({o, f32}):
@@ -1230,29 +1388,33 @@ def aot_specs() -> Iterator[Dict[str, object]]:
             dz_ptrs = ({"DZ": o, "Z": o, "T": t, "Alpha": f32, "Beta": f32} if from_cosine else
                        {"DZ": f32, "Z": f32, "T": f32, "Alpha": f32, "Beta": f32})
             w = o if from_cosine else f32
-            # fused: the hidden rows, also U-REPA's feature maps in place (dL/dz handed in); else the
-            # resampled rows (X unused)
-            feature_map = [] if from_cosine else [(True, True)]
-            for fuse_ln, in_place in [(True, False)] + feature_map + [(False, False)]:
+            # (fuse_ln, in place, rows X, Out, label): fused, the hidden rows, also U-REPA's feature
+            # maps in place (dL/dz handed in); the resampled rows (X unused, dL/dxhat fp32); no
+            # LayerNorm and not resampled: dL/dh straight into the (contiguous) hidden gradient, the
+            # resampled rows' configuration for fp32 activations
+            cases = ([(True, False, a, a, "")] + ([] if from_cosine else [(True, True, a, a, ",feature_map")])
+                     + [(False, False, w, f32, "")]
+                     + ([(False, False, a, a, ",no_layer_norm")] if (a, a) != (w, f32) else []))
+            for fuse_ln, in_place, x, out, label in cases:
                 options, blocks = gemm("dx", feature_map=in_place)
                 yield _spec(_projection_dx_kernel,
-                            dict(dz_ptrs, DzScale=f32, WFolded=w, Folded=f32, X=a if fuse_ln else w, Mean=f32,
-                                 Rstd=f32, Out=a if fuse_ln else f32),
+                            dict(dz_ptrs, DzScale=f32, WFolded=w, Folded=f32, X=x, Mean=f32, Rstd=f32, Out=out),
                             dict(blocks, DZ_FROM_COSINE=from_cosine, FUSE_LN=fuse_ln, GROUP_M=GROUP_M), **options,
-                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}"
-                                + (",feature_map" if in_place else ""),
+                            tag=f"{base},t={t[1:]},from_cosine={from_cosine},fuse_ln={fuse_ln}{label}",
                             **_contiguous(_projection_dx_kernel, in_place))
             options, blocks = gemm("dw")
             feature_map = [] if from_cosine else [(a, True)]
             for x, in_place in [(x, False) for x in sorted({a, w})] + feature_map:
-                for param in _param_dtypes(act):
+                layer_norms = (True,) if in_place else (True, False)  # see _contiguous_without_ln
+                for param, layer_norm in [(param, ln) for param in _param_dtypes(act) for ln in layer_norms]:
                     p = _PTR[param]
                     yield _spec(_projection_dw_kernel,
-                                dict(dz_ptrs, DzScale=f32, Folded=f32, X=x, Mean=f32, Rstd=f32, W=p, Gamma=p, Beta_ln=p, DW=p,
-                                     Db=f32, DGammaPart=f32, GPart=f32, DbPart=f32),
-                                dict(blocks, DZ_FROM_COSINE=from_cosine), **options,
-                                tag=f"{base},x={x[1:]},param={_short(param)},t={t[1:]},from_cosine={from_cosine}"
-                                    + (",feature_map" if in_place else ""),
+                                dict(dz_ptrs, DzScale=f32, XScale=f32, GScale=f32, Folded=f32, X=x, Mean=f32,
+                                     Rstd=f32, W=p, Gamma=p, Beta_ln=p, DW=p, Db=f32, DGammaPart=f32, GPart=f32,
+                                     DbPart=f32),
+                                dict(blocks, DZ_FROM_COSINE=from_cosine, LAYER_NORM=layer_norm), **options,
+                                tag=f"{base},x={x[1:]},param={_short(param)},t={t[1:]},from_cosine={from_cosine},"
+                                    f"layer_norm={layer_norm}" + (",feature_map" if in_place else ""),
                                 **_contiguous(_projection_dw_kernel, in_place))
     for param in ACTIVATION_DTYPES:
         yield _spec(_weight_t_vec_kernel, {"W": _PTR[param], "V": f32, "Out": f32},

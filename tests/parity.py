@@ -93,6 +93,38 @@ def late_training_pair(batch: int, tokens: int, dim: int, noise: float, *, dtype
     return {"projected": z.to(dtype), "target": target.to(target_dtype or dtype)}
 
 
+def mlp_head_inputs(batch: int, tokens: int, hidden_dim: int, target_tokens: int, encoder_dim: int, *,
+                    dtype=torch.float32, device="cpu", noise: float = 0.4) -> Dict[str, torch.Tensor]:
+    """The last Linear of an MLP projector head (no LayerNorm): hidden = SiLU activations (not
+    unit-variance, mostly positive), the projector's weight and bias (fp32), and a target: the
+    projection (square grids resampled to the target's count) plus `noise` times its std."""
+    hidden = F.silu(2.0 * torch.randn(batch, tokens, hidden_dim, device=device, dtype=torch.float64))
+    proj_weight = torch.randn(encoder_dim, hidden_dim, device=device, dtype=torch.float64) / math.sqrt(hidden_dim)
+    proj_bias = 0.1 * torch.randn(encoder_dim, device=device, dtype=torch.float64)
+    z = F.linear(hidden, proj_weight, proj_bias)
+    if target_tokens != tokens:
+        z = interpolate_tokens(z, (math.isqrt(tokens),) * 2, (math.isqrt(target_tokens),) * 2)
+    target = z + noise * z.std() * torch.randn_like(z)
+    return {"hidden": hidden.to(dtype), "target": target.to(dtype), "proj_weight": proj_weight.float(),
+            "proj_bias": proj_bias.float()}
+
+
+MLP_HEAD_ARGS = ("hidden", "proj_weight", "proj_bias")
+
+
+def without_layer_norm(loss_name: str) -> Callable:
+    """The backends' `loss_name` ("repa_loss", "urepa_loss") with ln_weight = ln_bias = None, as
+    the mlp head calls them (repa_fast/projectors.py), taking mlp_head_inputs and `backend`."""
+    from repa_fast.alignment import plan_alignment
+    from repa_fast.backends import resolve_backend
+
+    def loss(hidden, target, proj_weight, proj_bias, *, backend):
+        plan = plan_alignment(hidden.shape[1], target.shape[1])
+        module = resolve_backend(backend, hidden.device)
+        return getattr(module, loss_name)(hidden, target, None, None, proj_weight, proj_bias, plan, 0.0)
+    return loss
+
+
 def cast(inputs: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     return {k: v.to(dtype) for k, v in inputs.items()}
 

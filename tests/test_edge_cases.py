@@ -10,8 +10,8 @@ import torch
 
 import repa_fast as rf
 from repa_fast import reference
-from parity import (PROJECTION_ARGS, LargestAllocation, assert_matches_reference, cast, interpolate_tokens,
-                    literal_projection, outputs_and_grads, projection_inputs, rel_err)
+from parity import (PROJECTION_ARGS, TOLERANCE, LargestAllocation, assert_matches_reference, cast,
+                    interpolate_tokens, literal_projection, outputs_and_grads, projection_inputs, rel_err)
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 CASES = [pytest.param(backend, device, id=f"{backend}-{device}")
@@ -169,6 +169,35 @@ def test_zero_norm_rows_of_the_projection_and_the_target(backend, device, fn):
                   ln_bias=torch.zeros_like(inputs["ln_bias"]), proj_bias=torch.zeros_like(inputs["proj_bias"]))
     errors = assert_matches_reference(fn, inputs, backend=backend)
     assert all(math.isfinite(err) for err in errors.values())
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("fn", [rf.repa_loss, rf.urepa_loss], ids=["repa", "urepa"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("target_tokens", [16, 9, 25], ids=["same-count", "hidden-resampled", "target-resampled"])
+def test_a_zero_token_keeps_the_other_rows_16_bit_gradients(backend, device, fn, dtype, target_tokens):
+    """Issue 11: an exactly-zero hidden token with zero biases (padding, a bias-free projector)
+    has |dL/dz| ~ 1e11 (F.normalize's clamp). It once set the one fp16 operand scale of every
+    row, and the others flushed to 0 (|dW| 0.48 on torch, 0 on triton). Every gradient within
+    the margin of the torch backend's in the same dtype; the zero token's own dL/dh overflows
+    16 bits: non-finite exactly where the torch backend's is. A 2 x 2 corner of the 4 x 4 grid
+    is zero, so the bilinear resampling to 3 x 3 keeps a zero row."""
+    hidden = torch.randn(2, 16, 16, device=device)
+    hidden[:, [0, 1, 4, 5]] = 0
+    inputs = {"hidden": hidden.to(dtype), "target": torch.randn(2, target_tokens, 8, device=device).to(dtype),
+              "ln_weight": torch.ones(16, device=device), "ln_bias": torch.zeros(16, device=device),
+              "proj_weight": torch.randn(8, 16, device=device) / 4, "proj_bias": torch.zeros(8, device=device)}
+    side = math.isqrt(target_tokens)
+    inputs = correlated_target(inputs, (4, 4), (side, side))
+    reference_result = outputs_and_grads(fn, cast(inputs, torch.float64), PROJECTION_ARGS, backend="torch")
+    same_dtype_torch = outputs_and_grads(fn, inputs, PROJECTION_ARGS, backend="torch")
+    result = outputs_and_grads(fn, inputs, PROJECTION_ARGS, backend=backend)
+    for key, ref in reference_result.items():
+        finite = torch.isfinite(same_dtype_torch[key])
+        assert torch.equal(torch.isfinite(result[key]), finite), key
+        err, torch_err = rel_err(result[key][finite], ref[finite]), rel_err(same_dtype_torch[key][finite], ref[finite])
+        assert err <= torch_err + TOLERANCE[dtype], f"{backend} {key}: rel err {err:.3g}, torch {torch_err:.3g}"
 
 
 @pytest.mark.parametrize("backend, device", CASES)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import repa_fast as rf
-from parity import (LATE_TRAINING_NOISES, PROJECTION_ARGS, TOLERANCE, LargestAllocation, assert_matches_reference,
-                    late_training_pair, literal_manifold, projection_inputs, rel_err)
+from parity import (LATE_TRAINING_NOISES, MLP_HEAD_ARGS, PROJECTION_ARGS, TOLERANCE, LargestAllocation,
+                    assert_matches_reference, late_training_pair, literal_manifold, mlp_head_inputs, projection_inputs,
+                    rel_err, without_layer_norm)
 from repa_fast.backends import resolve_backend
 from repa_fast.kernels import manifold
 
@@ -143,6 +144,24 @@ def test_urepa_manifold_late_training_matches_torch(form, noise, force_form):
     force_form(form)
     inputs = projection_inputs(2, 37, 24, 37, 61, noise=noise, device=DEVICE)
     assert_matches_reference(_urepa_manifold, inputs, backend="triton", ill_conditioned=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("tokens, target_tokens", [(9, 9), (36, 25)], ids=["same-count", "hidden-resampled"])
+def test_urepa_without_layer_norm_matches_the_float64_reference(tokens, target_tokens, dtype):
+    """The mlp head's last Linear fused with both losses (ln_weight = ln_bias = None): hidden, W, b."""
+    inputs = mlp_head_inputs(2, tokens, 20, target_tokens, 13, dtype=dtype, device=DEVICE)
+    assert_matches_reference(without_layer_norm("urepa_loss"), inputs, backend="triton", grad_names=MLP_HEAD_ARGS)
+
+
+@pytest.mark.parametrize("noise", LATE_TRAINING_NOISES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_urepa_without_layer_norm_late_training_matches_torch(dtype, noise):
+    """As z -> t, without LayerNorm: the projection stays fp32 (tf32x3 forward for 16-bit
+    activations), so every gradient stays within the margin of torch's."""
+    inputs = mlp_head_inputs(2, 37, 24, 37, 61, noise=noise, dtype=dtype, device=DEVICE)
+    assert_matches_reference(without_layer_norm("urepa_loss"), inputs, backend="triton", grad_names=MLP_HEAD_ARGS,
+                             ill_conditioned=True)
 
 
 @pytest.mark.parametrize("noise", LATE_TRAINING_NOISES)

@@ -16,8 +16,9 @@ import repa_fast as rf  # noqa: E402
 from repa_fast import reference  # noqa: E402
 from repa_fast.alignment import plan_alignment, resample_taps  # noqa: E402
 from repa_fast.kernels import projection  # noqa: E402
-from parity import (LargestAllocation, PROJECTION_ARGS, TOLERANCE, assert_matches_reference,  # noqa: E402
-                    outputs_and_grads, projection_inputs, rel_err)
+from parity import (LATE_TRAINING_NOISES, MLP_HEAD_ARGS, LargestAllocation, PROJECTION_ARGS, TOLERANCE,  # noqa: E402
+                    assert_matches_reference, mlp_head_inputs, outputs_and_grads, projection_inputs, rel_err,
+                    without_layer_norm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -105,6 +106,65 @@ def test_small_layernorm_weight_with_a_large_bias(dtype, gamma):
     inputs["ln_bias"] = torch.randn_like(inputs["ln_bias"]) * 10
     # loss-scaled as a trainer does: dL/dh ~ gamma / rows lies in fp16's subnormals
     assert_matches_reference(lambda **kw: rf.repa_loss(**kw) * LOSS_SCALE, inputs, backend="triton")
+
+# ---------------------------------------------------------------- no LayerNorm (the mlp head's last Linear)
+
+# id: (batch, hidden tokens, D, target tokens, E); the grids are square
+MLP_HEAD_CASES = {"same-count": (2, 9, 20, 9, 13), "hidden-resampled": (2, 36, 20, 25, 13),
+                  "target-resampled": (2, 9, 20, 25, 13),
+                  "row-split": (2, 300, 20, 300, 13)}  # the weight gradient split over rows
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", MLP_HEAD_CASES)
+def test_repa_loss_without_layer_norm_matches_the_float64_reference(case, dtype):
+    """ln_weight = ln_bias = None: z = align(x W^T + b) on SiLU activations; hidden, W, b."""
+    inputs = mlp_head_inputs(*MLP_HEAD_CASES[case], dtype=dtype, device=DEVICE)
+    assert_matches_reference(without_layer_norm("repa_loss"), inputs, backend="triton", grad_names=MLP_HEAD_ARGS)
+
+
+@pytest.mark.parametrize("noise", LATE_TRAINING_NOISES)
+@pytest.mark.parametrize("case", ["same-count", "hidden-resampled"])
+def test_repa_loss_without_layer_norm_late_training_matches_torch(case, noise):
+    """z -> t: the cosine's gradient alpha t + beta z cancels, and its conditioning (~1 / noise)
+    scales every rounding, torch's too (fp32 at 0.001: 1e-4): within a margin of the torch
+    backend's error that scales with it. fp32 only: repa_loss keeps z in fp16 from fp16 operands
+    for 16-bit activations, with or without LayerNorm, and as z -> t its gradients err far more
+    than torch's, which projects in fp32 (no LayerNorm, measured: noise 0.05 up to 1.4e-2 against
+    torch's 2e-3, 0.01 2-3e-2 against 3e-4 to 2e-3, 0.001 0.1-0.35 against 2e-3 to 7e-3)."""
+    dtype = F32
+    inputs = mlp_head_inputs(*MLP_HEAD_CASES[case], dtype=dtype, device=DEVICE, noise=noise)
+    assert_matches_reference(without_layer_norm("repa_loss"), inputs, backend="triton", grad_names=MLP_HEAD_ARGS,
+                             tolerance=TOLERANCE[dtype] * max(1.0, 1e-2 / noise), ill_conditioned=True)
+
+
+def test_without_layer_norm_there_are_no_layer_norm_gradients_and_no_layer_norm_work(monkeypatch):
+    """The autograd returns None for ln_weight and ln_bias; no statistics, fold, dgamma or
+    dbeta kernel runs."""
+    inputs = mlp_head_inputs(*MLP_HEAD_CASES["hidden-resampled"], dtype=F16, device=DEVICE)
+    launched = []
+    for name in ("_ln_stats_kernel", "_fold_params_kernel", "_weight_t_vec_kernel"):
+        monkeypatch.setattr(projection, name, _Forbidden(name, launched))
+    leaves = [inputs[name].requires_grad_() for name in MLP_HEAD_ARGS]
+    plan = plan_alignment(36, 25)
+    args = (leaves[0], inputs["target"], None, None, *leaves[1:], plan, 0.0)
+    loss = projection.repa_loss(*args)
+    z, _ = projection.aligned_projection(*args)
+    grads = torch.autograd.grad(loss + z.sum(), leaves)
+    assert not launched and all(torch.isfinite(grad).all() for grad in grads)
+    for op in (torch.ops.repa_fast.triton_repa_loss, torch.ops.repa_fast.triton_aligned_projection):
+        schema = str(op.default._schema)
+        assert "Tensor? ln_weight" in schema and "Tensor? ln_bias" in schema, schema
+
+
+class _Forbidden:
+    def __init__(self, name, launched):
+        self.name, self.launched = name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        raise AssertionError(f"{self.name} launched without LayerNorm")
+
 
 def test_row_split_and_tile_counts_are_exercised():
     """The cases above reach the split weight-gradient path and multi-tile grids."""
@@ -258,6 +318,47 @@ def test_torch_compile_fullgraph_traces_the_ops():
     traced = outputs_and_grads(lambda **kw: compiled(*(kw[k] for k in args)), inputs, PROJECTION_ARGS)
     for key, value in eager.items():
         assert rel_err(traced[key], value) < 1e-6, key
+
+
+def test_torch_compile_fullgraph_traces_the_ops_without_layer_norm():
+    """The mlp head's call (ln_weight = ln_bias = None) under torch.compile(fullgraph=True):
+    repa_loss and urepa_loss, same values and gradients as eager."""
+    inputs = mlp_head_inputs(*MLP_HEAD_CASES["hidden-resampled"], device=DEVICE)
+    repa, urepa = without_layer_norm("repa_loss"), without_layer_norm("urepa_loss")
+
+    def losses(hidden, target, proj_weight, proj_bias):
+        align, manifold_term = urepa(hidden, target, proj_weight, proj_bias, backend="triton")
+        return repa(hidden, target, proj_weight, proj_bias, backend="triton") + align + manifold_term
+
+    compiled = torch.compile(losses, fullgraph=True)
+    args = ("hidden", "target", "proj_weight", "proj_bias")
+    eager = outputs_and_grads(lambda **kw: losses(*(kw[k] for k in args)), inputs, MLP_HEAD_ARGS)
+    traced = outputs_and_grads(lambda **kw: compiled(*(kw[k] for k in args)), inputs, MLP_HEAD_ARGS)
+    for key, value in eager.items():
+        assert rel_err(traced[key], value) < 1e-6, key
+
+
+@pytest.mark.parametrize("resampled", [False, True], ids=["same-count", "resampled"])
+def test_ops_pass_opcheck_without_layer_norm(resampled):
+    """The ops with ln_weight = ln_bias = None (Tensor? in their schemas), fp16 activations."""
+    inputs = mlp_head_inputs(2, 16, 10, 9 if resampled else 16, 7, dtype=F16, device=DEVICE)
+    hidden = inputs["hidden"].requires_grad_()
+    params = [None, None, inputs["proj_weight"].requires_grad_(), inputs["proj_bias"].requires_grad_()]
+    step = ["bilinear", [4, 4], [3, 3]] if resampled else ["none", [], []]
+    ops = torch.ops.repa_fast
+    _, z, stats, xa, row_terms, w_folded, folded = ops.triton_repa_loss(hidden, inputs["target"], *params, *step, 0.0)
+    aligned_z = ops.triton_aligned_projection(hidden, *params, *step, 0.0)[0].detach()
+    saved = [x.detach() if isinstance(x, torch.Tensor) else x
+             for x in (hidden, stats, xa, *params[:3], w_folded, folded, *step)]
+    z, row_terms = z.detach(), row_terms.detach()
+    cases = [
+        (ops.triton_repa_loss.default, (hidden, inputs["target"], *params, *step, 0.0)),
+        (ops.triton_aligned_projection.default, (hidden, *params, *step, 0.0)),
+        (ops.triton_projection_backward.default, (None, z, inputs["target"], row_terms, torch.ones(()), *saved)),
+        (ops.triton_projection_backward.default, (torch.randn_like(aligned_z), aligned_z, None, None, None, *saved)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("dtype,resampled", [(F32, False), (F32, True), (BF16, True)],

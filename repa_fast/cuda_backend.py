@@ -316,13 +316,19 @@ def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan:
     return _alignment_terms(z, t, True, hidden.dtype)
 
 
-def cosine_alignment_loss(projected: Tensor, target: Tensor) -> Tensor:
-    if _has_float64(projected, target):
-        return reference.cosine_alignment_loss(projected, target)
-    return _alignment_terms(projected, target, False, projected.dtype)[0]
+def target_zscore(target: Tensor, alpha: float) -> Tensor:
+    """iREPA's z-score of the target as (2, B, E) (shift, scale): the torch backend's."""
+    return reference.target_zscore(target, alpha)
 
 
-def manifold_loss(projected: Tensor, target: Tensor) -> Tensor:
-    if _has_float64(projected, target):
-        return reference.manifold_loss(projected, target)
-    return _alignment_terms(projected, target, True, projected.dtype)[1]
+def cosine_alignment_loss(projected: Tensor, target: Tensor, t_affine: Optional[Tensor] = None) -> Tensor:
+    if _has_float64(projected, target, *() if t_affine is None else (t_affine,)):
+        return reference.cosine_alignment_loss(projected, target, t_affine)
+    # the affine map through torch (fp32), then the kernels on the target it gives
+    return _alignment_terms(projected, reference.apply_target_affine(target, t_affine), False, projected.dtype)[0]
+
+
+def manifold_loss(projected: Tensor, target: Tensor, t_affine: Optional[Tensor] = None) -> Tensor:
+    if _has_float64(projected, target, *() if t_affine is None else (t_affine,)):
+        return reference.manifold_loss(projected, target, t_affine)
+    return _alignment_terms(projected, reference.apply_target_affine(target, t_affine), True, projected.dtype)[1]

@@ -688,14 +688,14 @@ def _grad_shape(z: torch.Tensor, with_grad: bool) -> torch.Tensor:
 
 
 @torch.library.custom_op("repa_fast::triton_manifold_loss", mutates_args=())
-def _manifold_op(z: torch.Tensor, t: torch.Tensor, t_affine: Optional[torch.Tensor], with_grad: bool,
-                 half: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _manifold_op(z: torch.Tensor, t: torch.Tensor, with_grad: bool, half: bool,
+                 t_affine: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     _, manifold, _, grad = _losses_and_grads(z, t, with_grad, with_align=False, half=half, t_affine=t_affine)
     return manifold, grad
 
 
 @_manifold_op.register_fake
-def _(z, t, t_affine, with_grad, half):
+def _(z, t, with_grad, half, t_affine=None):
     return z.new_empty((), dtype=torch.float32), _grad_shape(z, with_grad)
 
 
@@ -743,7 +743,7 @@ def manifold_loss(projected: torch.Tensor, target: torch.Tensor, t_affine: Optio
     """mean over (b, i, j) of (<zn_bi, zn_bj> - <tn_bi, tn_bj>)^2 for (B, N, E) inputs; fp32.
     With `t_affine` ((2, B, E) shift, scale: zscore.target_zscore), of t' = (t - shift) * scale."""
     half = half_operands(projected.dtype, target.dtype)
-    return _manifold_op(projected, target, t_affine, _wants_grad(projected), half)[0]
+    return _manifold_op(projected, target, _wants_grad(projected), half, t_affine)[0]
 
 
 def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps):

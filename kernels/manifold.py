@@ -100,7 +100,7 @@ def _row_stats_kernel(
     ZN,                       # (B, N, E) out, operand type: zn (WRITE_ZN)
     SUM, DIFF,                # (B, N, E) out, operand type: zn + tn, zn - tn, each rounded once (WRITE_SUM_DIFF)
     GA,                       # (B, N, E) out, z's dtype: d(-mean cos)/dz (WRITE_ALIGN_GRAD)
-    TA,                       # (B, N, E) out, t's dtype: t' for the Gram form's kernels (WRITE_TARGET)
+    TA,                       # (B, N, E) out, fp32: t' for the Gram form's kernels (WRITE_TARGET)
     N, E, align_scale,        # align_scale = -1 / (B N)
     stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
     BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EPS: tl.constexpr,
@@ -518,14 +518,14 @@ def row_chunks(tokens: int, max_rows: int, block: int) -> List[Tuple[int, int]]:
 def _row_stats(z, t, t_affine, operand: torch.dtype, write_zn: bool, write_sum_diff: bool, write_align_grad: bool,
                write_target: bool):
     """Row norms and cosines; zn, the rows S = Zn + Tn and D = Zn - Tn (operand type), the
-    alignment gradient and the target t' through `t_affine` (t's dtype) where asked (else None)."""
+    alignment gradient and the target t' through `t_affine` (fp32) where asked (else None)."""
     batch, tokens, dim = z.shape
     nz, nt, cos = torch.empty((3, batch, tokens), device=z.device, dtype=torch.float32).unbind(0)
     zn = torch.empty((batch, tokens, dim), device=z.device, dtype=operand) if write_zn else None
     sum_rows, diff_rows = (torch.empty((2, batch, tokens, dim), device=z.device, dtype=operand).unbind(0)
                            if write_sum_diff else (None, None))
     ga = torch.empty_like(z, memory_format=torch.contiguous_format) if write_align_grad else None
-    ta = torch.empty_like(t, memory_format=torch.contiguous_format) if write_target else None
+    ta = torch.empty((batch, tokens, dim), device=z.device, dtype=torch.float32) if write_target else None
     grid = (triton.cdiv(tokens, ROW_BLOCK["BLOCK_ROWS"]), batch)
     _row_stats_kernel[grid](z, t, *_affine_rows(t_affine), nz, nt, cos, zn, sum_rows, diff_rows, ga, ta, tokens, dim,
                             -1.0 / (batch * tokens), *z.stride(), *t.stride(), EPS=EPS, WRITE_ZN=write_zn,
@@ -654,18 +654,20 @@ def _losses_and_grads(z, t, with_grad: bool, with_align: bool, half: bool, t_aff
     """One row pass (norms computed once, shared by both losses), then the cheaper form.
     `half` (16-bit activations: t 16-bit, z 16-bit or the fused head's fp32 projection): fp16
     operands, raw inputs read in their own dtype; else (or with a fp32 t) everything in fp32.
-    `t_affine` (or None): the target is t' = (t - shift) * scale, formed by the row pass; the
-    Gram form's kernels read t' from the row pass's copy (t's dtype). Returns (alignment loss,
-    manifold loss, alignment gradient, manifold gradient); the alignment loss is None without
-    `with_align`, the gradients are empty tensors where not asked for, else in z's dtype."""
+    `t_affine` (or None): the target is t' = (t - shift) * scale, formed by the row pass. The
+    Gram form's kernels read the target as it is, so there the row pass writes t' for them, and
+    in fp32: everything runs in fp32 then (a 16-bit t' rounds away the variation of a target whose
+    mean is far above its std). Returns (alignment loss, manifold loss, alignment gradient,
+    manifold gradient); the alignment loss is None without `with_align`, the gradients are empty
+    tensors where not asked for, else in z's dtype."""
     _check_dtypes(z, t)
     z_dtype = z.dtype
-    half = half and t.dtype != torch.float32
+    batch, tokens, dim = z.shape
+    gram = use_gram_form(tokens, dim)
+    half = half and t.dtype != torch.float32 and not (gram and t_affine is not None)
     if not half:
         z, t = z.float(), t.float()
     operand = torch.float16 if half else torch.float32
-    batch, tokens, dim = z.shape
-    gram = use_gram_form(tokens, dim)
     nz, nt, cos, zn, sum_rows, diff_rows, align_grad, t_written = _row_stats(
         z, t, t_affine, operand, write_zn=not gram and with_grad, write_sum_diff=not gram,
         write_align_grad=with_grad and with_align, write_target=gram and t_affine is not None)
@@ -767,7 +769,7 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 _FLOAT_SCALARS = {"align_scale", "scale", "m_scale"}
 _SIZES = {"N", "E"}
 # Pointer arguments by what they hold: z's dtype, t's, the operand type; any other is fp32.
-_POINTER_ROLES = {"Z": "z", "GA": "z", "OUT": "z", "T": "t", "TA": "t", "ZN": "operand", "SUM": "operand", "DIFF": "operand",
+_POINTER_ROLES = {"Z": "z", "GA": "z", "OUT": "z", "T": "t", "ZN": "operand", "SUM": "operand", "DIFF": "operand",
                   "D": "operand", "M": "operand"}
 # (WRITE_ZN, WRITE_SUM_DIFF) as _losses_and_grads asks: Gram form; direct form, without and with gradient.
 _ROW_PASS_WRITES = ((False, False), (False, True), (True, True))
@@ -803,8 +805,9 @@ def aot_specs() -> List[dict]:
         operand = operand_dtype(t_dtype)
         dtypes = dict(z=z_dtype, t=t_dtype, operand=operand)
         for write_zn, write_sum_diff in _ROW_PASS_WRITES:
-            # manifold_loss with iREPA's target z-score: the Gram form's row pass also writes t'
-            for t_affine in (False, True):
+            # manifold_loss with iREPA's target z-score; the Gram form's row pass then also
+            # writes t', and runs in fp32 (_losses_and_grads)
+            for t_affine in (False, True) if write_sum_diff or operand == torch.float32 else (False,):
                 for write_align_grad in (False, True):
                     specs.append(_spec("manifold_row_stats", _row_stats_kernel, dtypes,
                                        dict(BLOCK_ROWS=ROW_BLOCK["BLOCK_ROWS"], BLOCK_E=ROW_BLOCK["BLOCK_E"], EPS=EPS,

@@ -321,14 +321,22 @@ def target_zscore(target: Tensor, alpha: float) -> Tensor:
     return reference.target_zscore(target, alpha)
 
 
+def _target_rows(target: Tensor, t_affine: Optional[Tensor]) -> Tensor:
+    """The target, or with `t_affine` the z-scored target through torch in fp32, its rows
+    normalised (both losses see only the rows' directions): cast to z's 16-bit dtype by the ops,
+    a z-scored value (a constant channel of one token: up to 1e6 |t|) could overflow fp16."""
+    if t_affine is None:
+        return target
+    return torch.nn.functional.normalize(reference.apply_target_affine(target, t_affine), dim=-1)
+
+
 def cosine_alignment_loss(projected: Tensor, target: Tensor, t_affine: Optional[Tensor] = None) -> Tensor:
     if _has_float64(projected, target, *() if t_affine is None else (t_affine,)):
         return reference.cosine_alignment_loss(projected, target, t_affine)
-    # the affine map through torch (fp32), then the kernels on the target it gives
-    return _alignment_terms(projected, reference.apply_target_affine(target, t_affine), False, projected.dtype)[0]
+    return _alignment_terms(projected, _target_rows(target, t_affine), False, projected.dtype)[0]
 
 
 def manifold_loss(projected: Tensor, target: Tensor, t_affine: Optional[Tensor] = None) -> Tensor:
     if _has_float64(projected, target, *() if t_affine is None else (t_affine,)):
         return reference.manifold_loss(projected, target, t_affine)
-    return _alignment_terms(projected, reference.apply_target_affine(target, t_affine), True, projected.dtype)[1]
+    return _alignment_terms(projected, _target_rows(target, t_affine), True, projected.dtype)[1]

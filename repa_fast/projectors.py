@@ -66,11 +66,13 @@ def _check_widths(projector, hidden: torch.Tensor, tokens: torch.Tensor, target:
 
 
 def _conv_tokens(projector, tokens: torch.Tensor, grid: Grid, dtype: torch.dtype) -> torch.Tensor:
-    """The conv head on (B, S, D) tokens laid out row-major on `grid` -> (B, S, E) tokens."""
+    """The conv head on (B, S, D) tokens laid out row-major on `grid` -> (B, S, E) tokens, rows
+    contiguous for the loss kernels. Contiguous (B, S, D) tokens make a channels-last feature map,
+    and the convolution's output on CPU and through cuDNN is channels-last then: no copy."""
     conv = projector.conv
     fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid).to(dtype)
     out = F.conv2d(fmap, conv.weight.to(dtype), conv.bias.to(dtype), padding=conv.padding)
-    return out.flatten(2).transpose(1, 2)
+    return out.flatten(2).transpose(1, 2).contiguous()
 
 
 def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, hidden_grid: Optional[Grid] = None,

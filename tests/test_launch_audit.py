@@ -37,9 +37,9 @@ pytest.importorskip("triton")
 
 from repa_fast import backends, cuda_backend  # noqa: E402
 from repa_fast.cli import bench_cases  # noqa: E402
-from repa_fast.kernels import manifold, projection  # noqa: E402
+from repa_fast.kernels import manifold, projection, zscore  # noqa: E402
 
-KERNEL_MODULES = (projection, manifold)
+KERNEL_MODULES = (projection, manifold, zscore)
 INT32 = 2 ** 31
 GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 # bf16: the fp16-operand configurations (fp16 activations launch the same ones); fp32: the exact
@@ -49,7 +49,8 @@ BACKENDS = ("triton", "cuda")
 
 
 def _cases() -> List[bench_cases.Case]:
-    cases = bench_cases.PRESETS["design"]() + bench_cases.PRESETS["models"]()
+    cases = bench_cases.PRESETS["design"]() + bench_cases.PRESETS["models"]() + \
+        [case for case in bench_cases.PRESETS["projectors"]() if case.projector == "irepa"]
     return list({case.name: case for case in cases}.values())
 
 
@@ -83,9 +84,11 @@ INT32_OFFSETS: Dict[str, List[Tuple[str, Callable]]] = {
                                ("k * stride_xd", lambda a: a.D * a.stride_xd), ("2 * M + rows", lambda a: 3 * a.M)],
     "_cosine_finish_kernel": [("part * 3 * M + 2 * M + rows", lambda a: a.PARTS * 3 * a.M)],
     "_cosine_rows_kernel": [("rows", lambda a: _rows(a, a.BLOCK_ROWS)), ("3 * M + rows", lambda a: 4 * a.M),
-                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te))],
+                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te)),
+                            ("affine_offs + e", lambda a: a.M // a.N * a.E + a.E)],
     "_cosine_grad_kernel": [("rows", lambda a: _rows(a, a.BLOCK_ROWS)),
-                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te))],
+                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te)),
+                            ("rows // N * E + e", lambda a: a.M // a.N * a.E + a.E)],
     "_projection_dw_kernel": [("rows", lambda a: a.M + a.BLOCK_K),
                               ("e * stride_*e", lambda a: a.E * max(a.stride_dze, a.stride_ze, a.stride_te)),
                               ("d * stride_xd", lambda a: a.D * a.stride_xd), ("e * D + d", lambda a: a.E * a.D),
@@ -99,6 +102,8 @@ INT32_OFFSETS: Dict[str, List[Tuple[str, Callable]]] = {
     "_ln_backward_rows_kernel": [("rows", lambda a: _rows(a, a.BLOCK_ROWS)), ("token * K + k", lambda a: a.S * a.K),
                                  ("(batch * N + dst) * D + d", lambda a: a.M // a.S * a.N * a.D),
                                  ("d * stride_xd, d * stride_od", lambda a: a.D * max(a.stride_xd, a.stride_od))],
+    # zscore.py (the target's offsets are int64)
+    "_zscore_stats_kernel": [("n0 + arange", lambda a: a.N + a.BLOCK_N), ("B * E + b * E + es", lambda a: 2 * a.B * a.E)],
     # manifold.py (the sample offset b is int64 in every kernel)
     "_row_stats_kernel": [("rows * stride_*n", lambda a: a.N * max(a.stride_zn, a.stride_tn)),
                           ("es * stride_*e", lambda a: a.E * max(a.stride_ze, a.stride_te)),

@@ -741,7 +741,8 @@ def _wants_grad(z: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and z.requires_grad
 
 
-def manifold_loss(projected: torch.Tensor, target: torch.Tensor, t_affine: Optional[torch.Tensor] = None) -> torch.Tensor:
+def manifold_loss(projected: torch.Tensor, target: torch.Tensor,
+                  t_affine: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mean over (b, i, j) of (<zn_bi, zn_bj> - <tn_bi, tn_bj>)^2 for (B, N, E) inputs; fp32.
     With `t_affine` ((2, B, E) shift, scale: zscore.target_zscore), of t' = (t - shift) * scale."""
     half = half_operands(projected.dtype, target.dtype)

@@ -296,7 +296,9 @@ def _load_target(T, t_offs, affine_offs, e, mask, stride_te, Shift, Scale, T_AFF
 
 
 @triton.jit
-def _cosine_rows_kernel(Z, T, Shift, Scale, RowTerms,  # Z, T: (B, N, E) strided; Shift, Scale: (B, E) fp32 (T_AFFINE); RowTerms: (4, M) fp32 out
+def _cosine_rows_kernel(Z, T,          # (B, N, E) strided
+                        Shift, Scale,  # (B, E) fp32 each: t' = (t - shift) * scale is the target (T_AFFINE)
+                        RowTerms,      # (4, M) fp32 out
                         M, N, E, stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te, inv_rows,
                         BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, T_AFFINE: tl.constexpr):
     """cosine_alignment_loss's rows: <z,t>, |z|^2, |t|^2 over E, then the shared cosine terms."""
@@ -320,7 +322,10 @@ def _cosine_rows_kernel(Z, T, Shift, Scale, RowTerms,  # Z, T: (B, N, E) strided
 
 
 @triton.jit
-def _cosine_grad_kernel(Z, T, Shift, Scale, Alpha, Beta, DZ,  # Z, T: (B, N, E) strided; Shift, Scale: (B, E) fp32 (T_AFFINE); Alpha, Beta: (M,) fp32; DZ: (B, N, E) out
+def _cosine_grad_kernel(Z, T,          # (B, N, E) strided
+                        Shift, Scale,  # (B, E) fp32 each (T_AFFINE), as in _cosine_rows_kernel
+                        Alpha, Beta,   # (M,) fp32
+                        DZ,            # (B, N, E) out
                         M, N, E, stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
                         BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, T_AFFINE: tl.constexpr):
     """cosine_alignment_loss's backward: dz = alpha * t + beta * z (grad_output folded into alpha, beta)."""

@@ -118,3 +118,24 @@ def test_the_affine_map_is_applied_where_the_target_is_loaded():
     for name in ("cosine_alignment_loss", "manifold_loss"):
         fused = getattr(triton_backend, name)(z, target, t_affine)
         assert rel_err(fused, getattr(triton_backend, name)(z, zscored)) <= TOLERANCE[torch.float32], name
+
+
+def test_conv_losses_with_the_fused_zscore_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces the conv head, the z-score op and the loss ops (their
+    fakes and autograd): the same losses and gradients as eager."""
+    fn, inputs = _conv_case("target-shrinks", 0.6, True, 0.0)
+    inputs = {k: v.float() for k, v in inputs.items()}
+
+    def losses(**kw):
+        align, manifold = fn(**kw, backend=backend)
+        return align + 3.0 * manifold
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    grad_names = [k for k in inputs if k != "target"]
+    results = []
+    for run in (losses, compiled):
+        leaves = {k: v.clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
+        out = run(**leaves)
+        results.append([out, *torch.autograd.grad(out, [leaves[k] for k in grad_names])])
+    for eager, traced in zip(*results):
+        assert rel_err(traced, eager) <= 1e-6

@@ -139,3 +139,31 @@ def test_conv_losses_with_the_fused_zscore_compile_fullgraph(backend):
         results.append([out, *torch.autograd.grad(out, [leaves[k] for k in grad_names])])
     for eager, traced in zip(*results):
         assert rel_err(traced, eager) <= 1e-6
+
+
+# ---------------------------------------------------------------- on a GPU (benchmarks/gpu_check.sh)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, offset", [((3, 1, 70), 0.0), ((2, 4097, 1536), 0.0), ((2, 4097, 1536), 1e3)],
+                         ids=["one-token", "4097x1536", "4097x1536-offset-1e3"])
+def test_gpu_target_zscore_matches_the_float64_reference(name, shape, offset, dtype):
+    """The compiled statistics kernels: many token blocks merged, a large mean."""
+    module = backends.resolve_backend(name, torch.device("cuda"))
+    target = (torch.randn(shape, device="cuda") * 0.7 + offset).to(dtype)
+    expected = reference.spatial_zscore(target.double(), 0.6)
+    err = rel_err(_zscored(target, module.target_zscore(target, 0.6)), expected)
+    torch_err = rel_err(_zscored(target, reference.target_zscore(target, 0.6)), expected)
+    assert err <= (1e-6 if offset == 0 else 1e-4) and err <= torch_err + 1e-6, (err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case, manifold", LOSS_CASES)
+def test_gpu_conv_losses_with_the_fused_zscore_match_the_float64_reference(name, case, manifold, dtype):
+    """The compiled loss kernels with the affine applied on load."""
+    fn, inputs = _conv_case(case, 0.6, manifold, 0.0)
+    inputs = {k: v.to("cuda", dtype) for k, v in inputs.items()}
+    assert_matches_reference(fn, inputs, backend=name, grad_names=[k for k in inputs if k != "target"])

@@ -37,6 +37,7 @@ target_zscore_kernel(const T* __restrict__ t, TokenLayout layout, float alpha, f
   if (e < layout.dim) {
     const T* column = t + b * layout.sb + e * layout.sd;
     pivot = to_float(column[0]);
+#pragma unroll 4  // loads of the next tokens in flight while the moments update
     for (int64_t n = warp; n < layout.tokens; n += TOKEN_WARPS) {
       const float x = to_float(column[n * layout.ss]) - pivot;
       m.count += 1.f;

@@ -315,6 +315,7 @@ def test_no_allocation_of_b_n_n(audit, name, backend):
 LAYER_NORM_ROWS = 32         # csrc/kernels.h LAYER_NORM_ROWS; layer_norm.cu: blocks_for(B * S, ROWS)
 COSINE_ROWS = 8              # cosine.cu: blocks_for(rows, WARPS), 256 threads = 8 warps, a row each
 GATHER_THREADS = 256         # resample.cu: grid (dst_rows, batch, blocks_for(channels, THREADS))
+ZSCORE_FEATURES = 32         # zscore.cu: grid (blocks_for(E, FEATURES), B)
 SHARED_OPTIN = 227 * 1024    # an H100's cudaDevAttrMaxSharedMemoryPerBlockOptin (manifold.cu's budget)
 
 
@@ -335,7 +336,7 @@ def _direct_smem(block_rows, tokens, with_grad):
     return scratch + operands + (2 * block_rows * (round_up(tokens, bn) + 8) if with_grad else 0)
 
 
-def _alignment_terms(z, t, manifold, gram, need_grad, half_precision):
+def _alignment_terms(z, t, manifold, gram, need_grad, half_precision, t_affine=None):
     """ops.cpp alignment_terms and manifold_terms."""
     batch, tokens, dim = z.shape
     launches = [("cosine_rows_forward_kernel", (_cdiv(batch * tokens, COSINE_ROWS),), ())]
@@ -375,6 +376,8 @@ CUDA_LAUNCHES = {
     "cuda_alignment_terms": _alignment_terms,
     "cuda_alignment_terms_backward": lambda z, t, *grads: [
         ("cosine_rows_backward_kernel", (_cdiv(z.shape[0] * z.shape[1], COSINE_ROWS),), ())],
+    "cuda_target_zscore": lambda target, alpha: [
+        ("target_zscore_kernel", (_cdiv(target.shape[2], ZSCORE_FEATURES), target.shape[0]), ())],
 }
 
 

@@ -43,6 +43,11 @@ fp16 ones 5-8e-4). The fused head keeps the projection z in fp32: its manifold g
 U-REPA: median 1.2e-9) lies below fp16's smallest subnormal and would flush to zero. So no raw
 value is rounded to fp16 and nothing can overflow.
 
+iREPA's z-score of the target (`manifold_loss`'s t_affine, zscore.py) is formed in fp32 by the
+row pass as it loads t; the direct form reads only what the row pass wrote, the Gram form's
+kernels read the target itself, so there the row pass also writes t' (fp32) and that form runs
+in fp32 (fp32 operands).
+
 The loss ends the graph, so the gradient is computed in the forward pass and backward only
 scales it. Row norms are computed once (one row pass that also yields the cosine alignment term
 of U-REPA and, when asked, its gradient). Every reduction goes through per-program partials

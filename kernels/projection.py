@@ -31,6 +31,9 @@ How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
   dz . rowsum(Wf) / D and dz . (z - bf) / D, accumulated in the same K-loop. With resampling the
   means need the source rows: dxhat (M' x D, fp32) goes through the adjoint resampling and the
   LayerNorm backward in `_ln_backward_rows_kernel`.
+* `cosine_alignment_loss` (the conv head's) may take iREPA's z-score of the target as a
+  per-(sample, channel) affine map (zscore.py): its kernels form (t - shift) * scale in fp32 as
+  they load t, which is read in its own dtype.
 * No atomics anywhere: every reduction has a fixed order, so results are bitwise reproducible.
 
 Dtypes: hidden fp32/fp16/bf16, the target in the hidden dtype or else fp32 (an exact cast: a

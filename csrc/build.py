@@ -14,7 +14,7 @@ CSRC = Path(__file__).resolve().parent
 ENV = "REPA_FAST_BUILD_CUDA"
 EXTENSION = "repa_fast._cuda"  # what setup.py builds: a library of ops (torch.ops.load_library), no Python module
 JIT_NAME = "repa_fast_cuda"    # torch.utils.cpp_extension.load's name, i.e. its cache directory
-SOURCES = ("ops.cpp", "cuda_stream.cpp", "layer_norm.cu", "resample.cu", "cosine.cu", "manifold.cu")
+SOURCES = ("ops.cpp", "cuda_stream.cpp", "layer_norm.cu", "resample.cu", "cosine.cu", "manifold.cu", "zscore.cu")
 KERNEL_SOURCES = tuple(s for s in SOURCES if s.endswith(".cu"))
 # ops.cpp with CPU stand-ins for the kernels: the whole backend on a machine without a GPU (tests only).
 HOST_EMULATION_SOURCES = ("ops.cpp", "host_launchers.cpp")

@@ -63,6 +63,15 @@ Status dispatch(Scalar dtype, F&& f) {
   return launch_status();
 }
 
+// Calls f(T{}, U{}) with T and U the CUDA types of `first` and `second` (a kernel reading two
+// inputs of their own dtypes), then reports the launch's status.
+template <typename F>
+Status dispatch_pair(Scalar first, Scalar second, F&& f) {
+  Status inner = nullptr;
+  const Status outer = dispatch(first, [&](auto a) { inner = dispatch(second, [&](auto b) { f(a, b); }); });
+  return outer != nullptr ? outer : inner;
+}
+
 inline unsigned blocks_for(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
 
 }  // namespace repa_fast

@@ -9,19 +9,40 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 
-// z, t: (rows, dim); cos: (rows,) fp32; normalized: (rows, 2 * dim) = [z^ + t^ | z^ - t^], or null.
-template <typename T, typename N>
+// The target's element e of a row: with an affine map (shift and scale of the row's sample,
+// target_zscore's; null without one), (t - shift) * scale, iREPA's z-score formed on load.
+template <typename U>
+__device__ __forceinline__ float target_at(const U* tr, int64_t e, const float* shift, const float* scale) {
+  const float v = to_float(tr[e]);
+  return shift == nullptr ? v : (v - shift[e]) * scale[e];
+}
+
+// The row's sample's shift and scale in t_affine (2, B, E) = (rows / tokens samples), or nulls.
+__device__ __forceinline__ void affine_of(const float* t_affine, int64_t row, int64_t tokens, int64_t rows,
+                                          int64_t dim, const float** shift, const float** scale) {
+  if (t_affine == nullptr) return;
+  const int64_t sample = row / tokens;
+  *shift = t_affine + sample * dim;
+  *scale = t_affine + (rows / tokens + sample) * dim;
+}
+
+// z: (rows, dim) in T, t: (rows, dim) in U, t_affine: (2, B, E) float32 or null; cos: (rows,) fp32;
+// normalized: (rows, 2 * dim) = [z^ + t^ | z^ - t^], or null.
+template <typename T, typename U, typename N>
 __global__ void __launch_bounds__(THREADS, 4)
-cosine_rows_forward_kernel(const T* __restrict__ z, const T* __restrict__ t, int64_t rows, int64_t dim,
-                           float* __restrict__ cos, N* __restrict__ normalized) {
+cosine_rows_forward_kernel(const T* __restrict__ z, const U* __restrict__ t, const float* __restrict__ t_affine,
+                           int64_t tokens, int64_t rows, int64_t dim, float* __restrict__ cos,
+                           N* __restrict__ normalized) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32;
   if (row >= rows) return;  // the whole warp
   const T* zr = z + row * dim;
-  const T* tr = t + row * dim;
+  const U* tr = t + row * dim;
+  const float *shift = nullptr, *scale = nullptr;
+  affine_of(t_affine, row, tokens, rows, dim, &shift, &scale);
   float zz = 0.f, tt = 0.f, zt = 0.f;
   for (int64_t e = lane; e < dim; e += 32) {
-    const float a = to_float(zr[e]), b = to_float(tr[e]);
+    const float a = to_float(zr[e]), b = target_at(tr, e, shift, scale);
     zz += a * a;
     tt += b * b;
     zt += a * b;
@@ -34,7 +55,7 @@ cosine_rows_forward_kernel(const T* __restrict__ z, const T* __restrict__ t, int
   if (normalized == nullptr) return;
   N* out = normalized + row * 2 * dim;
   for (int64_t e = lane; e < dim; e += 32) {
-    const float zn = to_float(zr[e]) * inv_z, tn = to_float(tr[e]) * inv_t;
+    const float zn = to_float(zr[e]) * inv_z, tn = target_at(tr, e, shift, scale) * inv_t;
     out[e] = from_float<N>(zn + tn);
     out[dim + e] = from_float<N>(zn - tn);
   }
@@ -43,21 +64,25 @@ cosine_rows_forward_kernel(const T* __restrict__ z, const T* __restrict__ t, int
 // With z^ = z / max(||z||, eps) and g the gradient w.r.t. z^:
 // g = grad_align * align_scale * t^ + grad_manifold * M, and
 // grad_z = (g - <g, z^> z^) / ||z|| where the eps clamp is inactive, g / eps where it is.
-// z, t, grad_z: (rows, dim); manifold_grad: (rows, dim) fp32 or null; grad_*: device scalars.
-template <typename T>
+// z, grad_z: (rows, dim) in T; t: (rows, dim) in U, t_affine as in the forward; manifold_grad:
+// (rows, dim) fp32 or null; grad_*: device scalars.
+template <typename T, typename U>
 __global__ void __launch_bounds__(THREADS, 4)
-cosine_rows_backward_kernel(const T* __restrict__ z, const T* __restrict__ t, const float* __restrict__ manifold_grad,
+cosine_rows_backward_kernel(const T* __restrict__ z, const U* __restrict__ t, const float* __restrict__ t_affine,
+                            int64_t tokens, const float* __restrict__ manifold_grad,
                             const float* __restrict__ grad_align, const float* __restrict__ grad_manifold,
                             float align_scale, int64_t rows, int64_t dim, T* __restrict__ grad_z) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32;
   if (row >= rows) return;
   const T* zr = z + row * dim;
-  const T* tr = t + row * dim;
+  const U* tr = t + row * dim;
+  const float *shift = nullptr, *scale = nullptr;
+  affine_of(t_affine, row, tokens, rows, dim, &shift, &scale);
   const float* mr = manifold_grad != nullptr ? manifold_grad + row * dim : nullptr;
   float zz = 0.f, tt = 0.f, tz = 0.f, mz = 0.f;
   for (int64_t e = lane; e < dim; e += 32) {
-    const float a = to_float(zr[e]), b = to_float(tr[e]);
+    const float a = to_float(zr[e]), b = target_at(tr, e, shift, scale);
     zz += a * a;
     tt += b * b;
     tz += a * b;
@@ -75,36 +100,41 @@ cosine_rows_backward_kernel(const T* __restrict__ z, const T* __restrict__ t, co
   const float radial = norm_z >= NORMALIZE_EPS ? g_dot_zhat * inv_z : 0.f;  // torch's clamp_min passes at ==
   T* gr = grad_z + row * dim;
   for (int64_t e = lane; e < dim; e += 32) {
-    const float g = coef_t * to_float(tr[e]) + (mr != nullptr ? coef_m * mr[e] : 0.f);
+    const float g = coef_t * target_at(tr, e, shift, scale) + (mr != nullptr ? coef_m * mr[e] : 0.f);
     gr[e] = from_float<T>((g - radial * to_float(zr[e])) * inv_z);
   }
 }
 
 }  // namespace
 
-Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, Stream stream) {
+Status cosine_rows_forward(Scalar dtype, const void* z, Scalar t_dtype, const void* t, const float* t_affine,
+                           int64_t tokens, int64_t rows, int64_t dim, float* cos, void* normalized,
+                           Scalar normalized_dtype, Stream stream) {
   if (normalized_dtype != Scalar::f32 && normalized_dtype != Scalar::f16) return "normalized rows are f32 or f16";
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
+  return dispatch_pair(dtype, t_dtype, [&](auto z_tag, auto t_tag) {
+    using T = decltype(z_tag);
+    using U = decltype(t_tag);
     const auto launch = [&](auto out_tag) {
       using N = decltype(out_tag);
-      cosine_rows_forward_kernel<T, N><<<blocks_for(rows, WARPS), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-          static_cast<const T*>(z), static_cast<const T*>(t), rows, dim, cos, static_cast<N*>(normalized));
+      cosine_rows_forward_kernel<T, U, N><<<blocks_for(rows, WARPS), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const T*>(z), static_cast<const U*>(t), t_affine, tokens, rows, dim, cos,
+          static_cast<N*>(normalized));
     };
     if (normalized_dtype == Scalar::f16) launch(__half{});
     else launch(float{});
   });
 }
 
-Status cosine_rows_backward(Scalar dtype, const void* z, const void* t, const float* manifold_grad,
-                            const float* grad_align, const float* grad_manifold, float align_scale, int64_t rows,
-                            int64_t dim, void* grad_z, Stream stream) {
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    cosine_rows_backward_kernel<T><<<blocks_for(rows, WARPS), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(z), static_cast<const T*>(t), manifold_grad, grad_align, grad_manifold, align_scale,
-        rows, dim, static_cast<T*>(grad_z));
+Status cosine_rows_backward(Scalar dtype, const void* z, Scalar t_dtype, const void* t, const float* t_affine,
+                            int64_t tokens, const float* manifold_grad, const float* grad_align,
+                            const float* grad_manifold, float align_scale, int64_t rows, int64_t dim, void* grad_z,
+                            Stream stream) {
+  return dispatch_pair(dtype, t_dtype, [&](auto z_tag, auto t_tag) {
+    using T = decltype(z_tag);
+    using U = decltype(t_tag);
+    cosine_rows_backward_kernel<T, U><<<blocks_for(rows, WARPS), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(z), static_cast<const U*>(t), t_affine, tokens, manifold_grad, grad_align, grad_manifold,
+        align_scale, rows, dim, static_cast<T*>(grad_z));
   });
 }
 

@@ -116,17 +116,45 @@ Status gather_rows(Scalar dtype, const void* x, int64_t batch, int64_t src_rows,
   });
 }
 
-Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, Stream) {
+namespace {
+
+// Calls f(T{}, U{}) with the C++ types of `first` and `second`.
+template <typename F>
+Status dispatch_pair(Scalar first, Scalar second, F&& f) {
+  Status inner = nullptr;
+  const Status outer = dispatch(first, [&](auto a) { inner = dispatch(second, [&](auto b) { f(a, b); }); });
+  return outer != nullptr ? outer : inner;
+}
+
+// Row r of t (in U) in float32, z-scored with its sample's shift and scale when t_affine is given.
+template <typename U>
+std::vector<float> target_row(const U* ts, const float* t_affine, int64_t tokens, int64_t rows, int64_t dim,
+                              int64_t r) {
+  std::vector<float> row(dim);
+  const int64_t sample = r / tokens;
+  for (int64_t e = 0; e < dim; ++e) {
+    row[e] = to_f(ts[r * dim + e]);
+    if (t_affine != nullptr)
+      row[e] = (row[e] - t_affine[sample * dim + e]) * t_affine[(rows / tokens + sample) * dim + e];
+  }
+  return row;
+}
+
+}  // namespace
+
+Status cosine_rows_forward(Scalar dtype, const void* z, Scalar t_dtype, const void* t, const float* t_affine,
+                           int64_t tokens, int64_t rows, int64_t dim, float* cos, void* normalized,
+                           Scalar normalized_dtype, Stream) {
   if (normalized_dtype != Scalar::f32 && normalized_dtype != Scalar::f16) return "normalized rows are f32 or f16";
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
+  return dispatch_pair(dtype, t_dtype, [&](auto z_tag, auto t_tag) {
+    using T = decltype(z_tag);
+    using U = decltype(t_tag);
     const T* zs = static_cast<const T*>(z);
-    const T* ts = static_cast<const T*>(t);
     for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<float> tr = target_row(static_cast<const U*>(t), t_affine, tokens, rows, dim, r);
       float zz = 0.f, tt = 0.f, zt = 0.f;
       for (int64_t e = 0; e < dim; ++e) {
-        const float a = to_f(zs[r * dim + e]), b = to_f(ts[r * dim + e]);
+        const float a = to_f(zs[r * dim + e]), b = tr[e];
         zz += a * a;
         tt += b * b;
         zt += a * b;
@@ -136,7 +164,7 @@ Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t r
       cos[r] = zt * inv_z * inv_t;
       if (normalized == nullptr) continue;
       for (int64_t e = 0; e < dim; ++e) {
-        const float zn = to_f(zs[r * dim + e]) * inv_z, tn = to_f(ts[r * dim + e]) * inv_t;
+        const float zn = to_f(zs[r * dim + e]) * inv_z, tn = tr[e] * inv_t;
         const float first = zn + tn, second = zn - tn;
         if (normalized_dtype == Scalar::f16) {
           static_cast<c10::Half*>(normalized)[r * 2 * dim + e] = from_f<c10::Half>(first);
@@ -150,25 +178,27 @@ Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t r
   });
 }
 
-Status cosine_rows_backward(Scalar dtype, const void* z, const void* t, const float* manifold_grad,
-                            const float* grad_align, const float* grad_manifold, float align_scale, int64_t rows,
-                            int64_t dim, void* grad_z, Stream) {
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
+Status cosine_rows_backward(Scalar dtype, const void* z, Scalar t_dtype, const void* t, const float* t_affine,
+                            int64_t tokens, const float* manifold_grad, const float* grad_align,
+                            const float* grad_manifold, float align_scale, int64_t rows, int64_t dim, void* grad_z,
+                            Stream) {
+  return dispatch_pair(dtype, t_dtype, [&](auto z_tag, auto t_tag) {
+    using T = decltype(z_tag);
+    using U = decltype(t_tag);
     const T* zs = static_cast<const T*>(z);
-    const T* ts = static_cast<const T*>(t);
     for (int64_t r = 0; r < rows; ++r) {
+      const std::vector<float> tr = target_row(static_cast<const U*>(t), t_affine, tokens, rows, dim, r);
       float zz = 0.f, tt = 0.f;
       for (int64_t e = 0; e < dim; ++e) {
         zz += to_f(zs[r * dim + e]) * to_f(zs[r * dim + e]);
-        tt += to_f(ts[r * dim + e]) * to_f(ts[r * dim + e]);
+        tt += tr[e] * tr[e];
       }
       const float norm_z = std::sqrt(zz);
       const float inv_z = 1.f / std::fmax(norm_z, NORMALIZE_EPS), inv_t = 1.f / std::fmax(std::sqrt(tt), NORMALIZE_EPS);
       std::vector<float> g(dim);
       float g_dot_zhat = 0.f;
       for (int64_t e = 0; e < dim; ++e) {
-        g[e] = *grad_align * align_scale * to_f(ts[r * dim + e]) * inv_t;
+        g[e] = *grad_align * align_scale * tr[e] * inv_t;
         if (manifold_grad != nullptr) g[e] += *grad_manifold * manifold_grad[r * dim + e];
         g_dot_zhat += g[e] * to_f(zs[r * dim + e]) * inv_z;
       }
@@ -177,6 +207,25 @@ Status cosine_rows_backward(Scalar dtype, const void* z, const void* t, const fl
         static_cast<T*>(grad_z)[r * dim + e] = from_f<T>((g[e] - radial) * inv_z);
       }
     }
+  });
+}
+
+// Two passes in double over each (sample, feature) column: the contract, not the kernel's one pass.
+Status target_zscore(Scalar dtype, const void* t, TokenLayout l, float alpha, float eps, float* affine, Stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* ts = static_cast<const T*>(t);
+    for (int64_t b = 0; b < l.batch; ++b)
+      for (int64_t e = 0; e < l.dim; ++e) {
+        const auto at = [&](int64_t n) { return static_cast<double>(to_f(ts[b * l.sb + n * l.ss + e * l.sd])); };
+        double mean = 0.0, m2 = 0.0;
+        for (int64_t n = 0; n < l.tokens; ++n) mean += at(n);
+        mean /= l.tokens;
+        for (int64_t n = 0; n < l.tokens; ++n) m2 += (at(n) - mean) * (at(n) - mean);
+        const double std = l.tokens > 1 ? std::sqrt(m2 / (l.tokens - 1)) : 0.0;
+        affine[b * l.dim + e] = static_cast<float>(alpha * mean);
+        affine[(l.batch + b) * l.dim + e] = static_cast<float>(1.0 / (std + eps));
+      }
   });
 }
 

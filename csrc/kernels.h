@@ -61,20 +61,31 @@ Status gather_rows(Scalar dtype, const void* x, int64_t batch, int64_t src_rows,
                    int64_t channels, const int64_t* offsets, const int64_t* index, const float* weight,
                    void* out, Stream stream);
 
-// Per row r of z and t (rows x dim, row-major): cos[r] = <z^, t^> with v^ = v / max(||v||, 1e-12),
-// and when `normalized` is given, normalized[r] = [z^_r + t^_r | z^_r - t^_r] (rows x 2*dim) in
-// normalized_dtype (f32, or f16 for the tensor cores: values in [-2, 2] keep 3 more mantissa bits in
-// f16 than in bf16): the manifold loss's operands in both forms, each rounded once from float32, so
-// the difference of nearly equal rows keeps its relative precision.
-Status cosine_rows_forward(Scalar dtype, const void* z, const void* t, int64_t rows, int64_t dim, float* cos,
-                           void* normalized, Scalar normalized_dtype, Stream stream);
+// Per row r of z and t (rows x dim, row-major, each in its dtype): cos[r] = <z^, t^> with
+// v^ = v / max(||v||, 1e-12), and when `normalized` is given, normalized[r] = [z^_r + t^_r | z^_r - t^_r]
+// (rows x 2*dim) in normalized_dtype (f32, or f16 for the tensor cores: values in [-2, 2] keep 3 more
+// mantissa bits in f16 than in bf16): the manifold loss's operands in both forms, each rounded once
+// from float32, so the difference of nearly equal rows keeps its relative precision. With t_affine
+// ((2, B, E) float32: target_zscore's shift and scale; B = rows / tokens samples of `tokens` rows),
+// the target is t' = (t - shift) * scale of the row's sample, formed in float32 as it is loaded.
+Status cosine_rows_forward(Scalar dtype, const void* z, Scalar t_dtype, const void* t, const float* t_affine,
+                           int64_t tokens, int64_t rows, int64_t dim, float* cos, void* normalized,
+                           Scalar normalized_dtype, Stream stream);
 
 // Gradient w.r.t. z of  grad_align * align_scale * sum_r <z^_r, t^_r>  +  grad_manifold * <M, Z^>,
 // where M = manifold_grad (rows x dim, float32, may be null) is the manifold loss's gradient w.r.t.
-// the normalized rows; grad_align and grad_manifold are device scalars. grad_z in z's dtype.
-Status cosine_rows_backward(Scalar dtype, const void* z, const void* t, const float* manifold_grad,
-                            const float* grad_align, const float* grad_manifold, float align_scale,
-                            int64_t rows, int64_t dim, void* grad_z, Stream stream);
+// the normalized rows; grad_align and grad_manifold are device scalars; t and t_affine as in
+// cosine_rows_forward. grad_z in z's dtype.
+Status cosine_rows_backward(Scalar dtype, const void* z, Scalar t_dtype, const void* t, const float* t_affine,
+                            int64_t tokens, const float* manifold_grad, const float* grad_align,
+                            const float* grad_manifold, float align_scale, int64_t rows, int64_t dim, void* grad_z,
+                            Stream stream);
+
+// iREPA's z-score of a target t (B, N, E) at `layout`'s strides, as the affine map the two
+// launchers above apply: affine (2, B, E) float32 = (alpha * mean_n(t), 1 / (std_n(t) + eps)), the
+// unbiased std over the N tokens (0 when N == 1). One pass over t.
+Status target_zscore(Scalar dtype, const void* t, TokenLayout layout, float alpha, float eps, float* affine,
+                     Stream stream);
 
 // The direct (tiled) manifold kernel for float16 rows S = Zn + Tn, D = Zn - Tn (B, N, E) with row
 // stride `ld`: per sample sum over (i, j) of (zn_i.zn_j - tn_i.tn_j)^2 = ((s_i.d_j + d_i.s_j) / 2)^2,

@@ -335,28 +335,46 @@ std::tuple<Tensor, Tensor> manifold_terms(const Tensor& pairs, bool gram, bool n
   return {total / count, grad};
 }
 
+// t_affine (iREPA's z-score of the target, target_zscore's (2, B, E) float32 map) or null, checked
+// against (B, N, E) z. With it the kernels read t in its own dtype and z-score it in float32 on load;
+// without it t is cast to z's dtype.
+std::tuple<Tensor, const float*> target_and_affine(const char* op, const Tensor& z, const Tensor& t,
+                                                   const OptionalTensor& t_affine, Tensor& affine_storage) {
+  if (!t_affine.has_value()) return {t.to(z.scalar_type()).contiguous(), nullptr};
+  TORCH_CHECK(t_affine->scalar_type() == at::kFloat && t_affine->sizes() == at::IntArrayRef({2, z.size(0), z.size(2)}),
+              op, ": t_affine must be float32 (2, B, E) = (2, ", z.size(0), ", ", z.size(2), "), got ",
+              t_affine->scalar_type(), " ", t_affine->sizes());
+  check_device(z, {*t_affine});
+  affine_storage = t_affine->contiguous();
+  scalar_of(t);  // float32, float16 or bfloat16
+  return {t.contiguous(), affine_storage.data_ptr<float>()};
+}
+
 // (alignment, manifold, manifold_grad): alignment = -mean cos(z, t) per row; the manifold loss and
 // its gradient w.r.t. the normalized rows when `manifold` (else 0 and an empty (0, N, E) tensor;
 // the gradient is also empty without `need_grad`). The manifold's operands, the normalized rows'
 // sums and differences (manifold_terms), are float16 for the tensor cores when `half_precision`
-// (half-precision activations), else float32. Losses are float32 scalars.
-// t is cast to z's dtype.
+// (half-precision activations), else float32. Losses are float32 scalars. The target is t, cast to
+// z's dtype, or with `t_affine` t z-scored on load (target_and_affine).
 std::tuple<Tensor, Tensor, Tensor> alignment_terms(const Tensor& z, const Tensor& t, bool manifold, bool gram,
-                                                   bool need_grad, bool half_precision) {
+                                                   bool need_grad, bool half_precision,
+                                                   const OptionalTensor& t_affine) {
   TORCH_CHECK(z.dim() == 3 && z.numel() > 0 && t.sizes() == z.sizes(),
               "cuda_alignment_terms: z and t must be non-empty (B, N, E) of one shape, got ", z.sizes(), " and ",
               t.sizes());
   check_device(z, {t});
   const c10::DeviceGuard guard(z.device());
-  const Tensor zc = z.contiguous(), tc = t.to(z.scalar_type()).contiguous();
+  Tensor affine;
+  const auto [tc, affine_ptr] = target_and_affine("cuda_alignment_terms", z, t, t_affine, affine);
+  const Tensor zc = z.contiguous();
   const int64_t batch = z.size(0), tokens = z.size(1), dim = z.size(2), rows = batch * tokens;
   const auto f32 = z.options().dtype(at::kFloat);
   const auto normalized_dtype = half_precision ? at::kHalf : at::kFloat;
   Tensor cos = at::empty({rows}, f32);
   Tensor pairs = manifold ? at::empty({batch, tokens, 2 * dim}, z.options().dtype(normalized_dtype)) : Tensor();
-  check_ok(cosine_rows_forward(scalar_of(zc), zc.data_ptr(), tc.data_ptr(), rows, dim, cos.data_ptr<float>(),
-                               manifold ? pairs.data_ptr() : nullptr, half_precision ? Scalar::f16 : Scalar::f32,
-                               stream_of(zc)),
+  check_ok(cosine_rows_forward(scalar_of(zc), zc.data_ptr(), scalar_of(tc), tc.data_ptr(), affine_ptr, tokens, rows, dim,
+                               cos.data_ptr<float>(), manifold ? pairs.data_ptr() : nullptr,
+                               half_precision ? Scalar::f16 : Scalar::f32, stream_of(zc)),
            "cosine_rows_forward");
   Tensor align = cos.mean().neg();
   if (!manifold) return {align, at::zeros({}, f32), at::empty({0, tokens, dim}, f32)};
@@ -367,7 +385,8 @@ std::tuple<Tensor, Tensor, Tensor> alignment_terms(const Tensor& z, const Tensor
 // Gradient w.r.t. z of grad_align * alignment + grad_manifold * manifold (through the row
 // normalization), in z's dtype. manifold_grad is alignment_terms' third output.
 Tensor alignment_terms_backward(const Tensor& z, const Tensor& t, const Tensor& manifold_grad,
-                                const Tensor& grad_align, const Tensor& grad_manifold) {
+                                const Tensor& grad_align, const Tensor& grad_manifold,
+                                const OptionalTensor& t_affine) {
   TORCH_CHECK(z.dim() == 3 && z.numel() > 0 && t.sizes() == z.sizes(),
               "cuda_alignment_terms_backward: z and t must be non-empty (B, N, E) of one shape");
   const bool has_manifold = manifold_grad.numel() > 0;
@@ -377,16 +396,32 @@ Tensor alignment_terms_backward(const Tensor& z, const Tensor& t, const Tensor& 
               "cuda_alignment_terms_backward: grad_align and grad_manifold must be scalars");
   check_device(z, {t, manifold_grad, grad_align, grad_manifold});
   const c10::DeviceGuard guard(z.device());
-  const Tensor zc = z.contiguous(), tc = t.to(z.scalar_type()).contiguous();
+  Tensor affine;
+  const auto [tc, affine_ptr] = target_and_affine("cuda_alignment_terms_backward", z, t, t_affine, affine);
+  const Tensor zc = z.contiguous();
   const Tensor mg = manifold_grad.contiguous();
   const Tensor ga = grad_align.to(at::kFloat).contiguous(), gm = grad_manifold.to(at::kFloat).contiguous();
   const int64_t rows = z.size(0) * z.size(1), dim = z.size(2);
   Tensor grad_z = at::empty_like(zc);
-  check_ok(cosine_rows_backward(scalar_of(zc), zc.data_ptr(), tc.data_ptr(), has_manifold ? mg.data_ptr<float>() : nullptr,
-                                ga.data_ptr<float>(), gm.data_ptr<float>(), static_cast<float>(-1.0 / rows), rows, dim,
-                                grad_z.data_ptr(), stream_of(zc)),
+  check_ok(cosine_rows_backward(scalar_of(zc), zc.data_ptr(), scalar_of(tc), tc.data_ptr(), affine_ptr, z.size(1),
+                                has_manifold ? mg.data_ptr<float>() : nullptr, ga.data_ptr<float>(),
+                                gm.data_ptr<float>(), static_cast<float>(-1.0 / rows), rows, dim, grad_z.data_ptr(),
+                                stream_of(zc)),
            "cosine_rows_backward");
   return grad_z;
+}
+
+// iREPA's z-score of `target` (B, N, E), read in place, as (2, B, E) float32 (shift, scale):
+// kernels.h's target_zscore with SimpleTuner's eps 1e-6.
+Tensor target_zscore_op(const Tensor& target, double alpha) {
+  TORCH_CHECK(target.dim() == 3 && target.numel() > 0, "cuda_target_zscore: target must be non-empty (B, N, E), got ",
+              target.sizes());
+  const c10::DeviceGuard guard(target.device());
+  Tensor affine = at::empty({2, target.size(0), target.size(2)}, target.options().dtype(at::kFloat));
+  check_ok(target_zscore(scalar_of(target), target.data_ptr(), layout_of(target), static_cast<float>(alpha), 1e-6f,
+                         affine.data_ptr<float>(), stream_of(target)),
+           "target_zscore");
+  return affine;
 }
 
 }  // namespace
@@ -400,10 +435,11 @@ TORCH_LIBRARY_FRAGMENT(repa_fast, m) {
         "Tensor mean, Tensor rstd, Tensor? taps_offsets, Tensor? taps_index, Tensor? taps_weight, bool[5] needs) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_gather_rows(Tensor x, Tensor offsets, Tensor index, Tensor weight) -> Tensor");
-  m.def("cuda_alignment_terms(Tensor z, Tensor t, bool manifold, bool gram, bool need_grad, bool half_precision) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("cuda_alignment_terms(Tensor z, Tensor t, bool manifold, bool gram, bool need_grad, bool half_precision, "
+        "Tensor? t_affine=None) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_alignment_terms_backward(Tensor z, Tensor t, Tensor manifold_grad, Tensor grad_align, "
-        "Tensor grad_manifold) -> Tensor");
+        "Tensor grad_manifold, Tensor? t_affine=None) -> Tensor");
+  m.def("cuda_target_zscore(Tensor target, float alpha) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(repa_fast, REPA_FAST_DISPATCH_KEY, m) {
@@ -412,6 +448,7 @@ TORCH_LIBRARY_IMPL(repa_fast, REPA_FAST_DISPATCH_KEY, m) {
   m.impl("cuda_gather_rows", &gather_rows_op);
   m.impl("cuda_alignment_terms", &alignment_terms);
   m.impl("cuda_alignment_terms_backward", &alignment_terms_backward);
+  m.impl("cuda_target_zscore", &target_zscore_op);
 }
 
 }  // namespace repa_fast

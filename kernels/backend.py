@@ -8,16 +8,17 @@ import torch
 from .. import reference
 from .manifold import manifold_loss, urepa_loss
 from .projection import cosine_alignment_loss, repa_loss
+from .zscore import target_zscore
 
 
 def _float64_to_torch(kernel_fn):
     torch_fn = getattr(reference, kernel_fn.__name__)
 
     @functools.wraps(kernel_fn)
-    def dispatch(*args):
-        if any(isinstance(arg, torch.Tensor) and arg.dtype == torch.float64 for arg in args):
-            return torch_fn(*args)
-        return kernel_fn(*args)
+    def dispatch(*args, **kwargs):
+        if any(isinstance(arg, torch.Tensor) and arg.dtype == torch.float64 for arg in (*args, *kwargs.values())):
+            return torch_fn(*args, **kwargs)
+        return kernel_fn(*args, **kwargs)
     return dispatch
 
 
@@ -26,4 +27,4 @@ urepa_loss = _float64_to_torch(urepa_loss)
 cosine_alignment_loss = _float64_to_torch(cosine_alignment_loss)
 manifold_loss = _float64_to_torch(manifold_loss)
 
-__all__ = ["repa_loss", "urepa_loss", "cosine_alignment_loss", "manifold_loss"]
+__all__ = ["repa_loss", "urepa_loss", "cosine_alignment_loss", "manifold_loss", "target_zscore"]

@@ -43,6 +43,11 @@ fp16 ones 5-8e-4). The fused head keeps the projection z in fp32: its manifold g
 U-REPA: median 1.2e-9) lies below fp16's smallest subnormal and would flush to zero. So no raw
 value is rounded to fp16 and nothing can overflow.
 
+iREPA's z-score of the target (`manifold_loss`'s t_affine, zscore.py) is formed in fp32 by the
+row pass as it loads t; the direct form reads only what the row pass wrote, the Gram form's
+kernels read the target itself, so there the row pass also writes t' (fp32) and that form runs
+in fp32 (fp32 operands).
+
 The loss ends the graph, so the gradient is computed in the forward pass and backward only
 scales it. Row norms are computed once (one row pass that also yields the cosine alignment term
 of U-REPA and, when asked, its gradient). Every reduction goes through per-program partials
@@ -52,7 +57,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -60,7 +65,7 @@ import triton.language as tl
 
 from repa_fast.reference import use_gram_form
 
-from .projection import ACTIVATION_DTYPES, _num_sms, aligned_projection, operand_class, operand_dtype
+from .projection import ACTIVATION_DTYPES, _affine_rows, _num_sms, aligned_projection, operand_class, operand_dtype
 
 
 EPS = 1e-12                    # F.normalize's eps
@@ -82,16 +87,30 @@ def _normalized(z_ptrs, t_ptrs, mask, inv_nz, inv_nt):
 
 
 @triton.jit
+def _target_tile(t_ptrs, mask, SHIFT, SCALE, affine_ptrs, affine_mask, T_AFFINE: tl.constexpr):
+    """A tile of raw target rows in fp32; with T_AFFINE, (t - shift) * scale (iREPA's z-score,
+    `target_zscore`) with the sample's per-feature shift and scale at `affine_ptrs`."""
+    t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if T_AFFINE:
+        t = (t - tl.load(SHIFT + affine_ptrs, mask=affine_mask, other=0.0)) * \
+            tl.load(SCALE + affine_ptrs, mask=affine_mask, other=0.0)
+    return t
+
+
+@triton.jit
 def _row_stats_kernel(
     Z, T,                     # (B, N, E) inputs, any strides
-    NZ, NT, COS,              # (B, N) fp32 out: max(||z||, eps), max(||t||, eps), <zn, tn>
+    SHIFT, SCALE,             # (B, E) fp32: t' = (t - shift) * scale is the target (T_AFFINE)
+    NZ, NT, COS,              # (B, N) fp32 out: max(||z||, eps), max(||t'||, eps), <zn, tn>
     ZN,                       # (B, N, E) out, operand type: zn (WRITE_ZN)
     SUM, DIFF,                # (B, N, E) out, operand type: zn + tn, zn - tn, each rounded once (WRITE_SUM_DIFF)
     GA,                       # (B, N, E) out, z's dtype: d(-mean cos)/dz (WRITE_ALIGN_GRAD)
+    TA,                       # (B, N, E) out, fp32: t' for the Gram form's kernels (WRITE_TARGET)
     N, E, align_scale,        # align_scale = -1 / (B N)
     stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
     BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EPS: tl.constexpr,
     WRITE_ZN: tl.constexpr, WRITE_SUM_DIFF: tl.constexpr, WRITE_ALIGN_GRAD: tl.constexpr,
+    T_AFFINE: tl.constexpr, WRITE_TARGET: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -105,7 +124,8 @@ def _row_stats_kernel(
         es = e0 + tl.arange(0, BLOCK_E)
         mask = row_ok[:, None] & (es < E)[None, :]
         z = tl.load(z_rows + es[None, :] * stride_ze, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_rows + es[None, :] * stride_te, mask=mask, other=0.0).to(tl.float32)
+        t = _target_tile(t_rows + es[None, :] * stride_te, mask, SHIFT, SCALE, b * E + es[None, :],
+                         (es < E)[None, :], T_AFFINE)
         zz += tl.sum(z * z, 1)
         tt += tl.sum(t * t, 1)
         zt += tl.sum(z * t, 1)
@@ -115,7 +135,7 @@ def _row_stats_kernel(
     tl.store(NZ + b * N + rows, nz, mask=row_ok)
     tl.store(NT + b * N + rows, nt, mask=row_ok)
     tl.store(COS + b * N + rows, cos, mask=row_ok)
-    if WRITE_ZN or WRITE_SUM_DIFF or WRITE_ALIGN_GRAD:
+    if WRITE_ZN or WRITE_SUM_DIFF or WRITE_ALIGN_GRAD or WRITE_TARGET:
         out_rows = b * N * E + rows[:, None] * E
         # F.normalize's backward: the radial part only flows where the norm was not clamped.
         radial_cos = tl.where(nz > EPS, cos, 0.0)
@@ -123,8 +143,10 @@ def _row_stats_kernel(
             es = e0 + tl.arange(0, BLOCK_E)
             mask = row_ok[:, None] & (es < E)[None, :]
             out = out_rows + es[None, :]
-            zn, tn = _normalized(z_rows + es[None, :] * stride_ze, t_rows + es[None, :] * stride_te, mask,
-                                 1.0 / nz, 1.0 / nt)
+            zn = tl.load(z_rows + es[None, :] * stride_ze, mask=mask, other=0.0).to(tl.float32) * (1.0 / nz)[:, None]
+            t = _target_tile(t_rows + es[None, :] * stride_te, mask, SHIFT, SCALE, b * E + es[None, :],
+                             (es < E)[None, :], T_AFFINE)
+            tn = t * (1.0 / nt)[:, None]
             if WRITE_ZN:
                 tl.store(ZN + out, zn.to(ZN.dtype.element_ty), mask=mask)
             if WRITE_SUM_DIFF:
@@ -133,6 +155,8 @@ def _row_stats_kernel(
             if WRITE_ALIGN_GRAD:
                 ga = (tn - zn * radial_cos[:, None]) * (align_scale / nz)[:, None]
                 tl.store(GA + out, ga.to(GA.dtype.element_ty), mask=mask)
+            if WRITE_TARGET:
+                tl.store(TA + out, t.to(TA.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -496,20 +520,23 @@ def row_chunks(tokens: int, max_rows: int, block: int) -> List[Tuple[int, int]]:
     return [(start, min(start + rows, tokens)) for start in range(0, tokens, rows)]
 
 
-def _row_stats(z, t, operand: torch.dtype, write_zn: bool, write_sum_diff: bool, write_align_grad: bool):
-    """Row norms and cosines; zn, the rows S = Zn + Tn and D = Zn - Tn (operand type) and the
-    alignment gradient where asked (else None)."""
+def _row_stats(z, t, t_affine, operand: torch.dtype, write_zn: bool, write_sum_diff: bool, write_align_grad: bool,
+               write_target: bool):
+    """Row norms and cosines; zn, the rows S = Zn + Tn and D = Zn - Tn (operand type), the
+    alignment gradient and the target t' through `t_affine` (fp32) where asked (else None)."""
     batch, tokens, dim = z.shape
     nz, nt, cos = torch.empty((3, batch, tokens), device=z.device, dtype=torch.float32).unbind(0)
     zn = torch.empty((batch, tokens, dim), device=z.device, dtype=operand) if write_zn else None
     sum_rows, diff_rows = (torch.empty((2, batch, tokens, dim), device=z.device, dtype=operand).unbind(0)
                            if write_sum_diff else (None, None))
     ga = torch.empty_like(z, memory_format=torch.contiguous_format) if write_align_grad else None
+    ta = torch.empty((batch, tokens, dim), device=z.device, dtype=torch.float32) if write_target else None
     grid = (triton.cdiv(tokens, ROW_BLOCK["BLOCK_ROWS"]), batch)
-    _row_stats_kernel[grid](z, t, nz, nt, cos, zn, sum_rows, diff_rows, ga, tokens, dim, -1.0 / (batch * tokens),
-                            *z.stride(), *t.stride(), EPS=EPS, WRITE_ZN=write_zn, WRITE_SUM_DIFF=write_sum_diff,
-                            WRITE_ALIGN_GRAD=write_align_grad, **ROW_BLOCK)
-    return nz, nt, cos, zn, sum_rows, diff_rows, ga
+    _row_stats_kernel[grid](z, t, *_affine_rows(t_affine), nz, nt, cos, zn, sum_rows, diff_rows, ga, ta, tokens, dim,
+                            -1.0 / (batch * tokens), *z.stride(), *t.stride(), EPS=EPS, WRITE_ZN=write_zn,
+                            WRITE_SUM_DIFF=write_sum_diff, WRITE_ALIGN_GRAD=write_align_grad,
+                            T_AFFINE=t_affine is not None, WRITE_TARGET=write_target, **ROW_BLOCK)
+    return nz, nt, cos, zn, sum_rows, diff_rows, ga, ta
 
 
 def _finish(g, z, nz, s_parts, grad_out, start: int, stop: int):
@@ -628,27 +655,30 @@ def _check_dtypes(z: torch.Tensor, t: torch.Tensor):
                         f"target {t.dtype} (use backend='torch' for float64)")
 
 
-def _losses_and_grads(z, t, with_grad: bool, with_align: bool, half: bool):
+def _losses_and_grads(z, t, with_grad: bool, with_align: bool, half: bool, t_affine=None):
     """One row pass (norms computed once, shared by both losses), then the cheaper form.
     `half` (16-bit activations: t 16-bit, z 16-bit or the fused head's fp32 projection): fp16
     operands, raw inputs read in their own dtype; else (or with a fp32 t) everything in fp32.
-    Returns (alignment loss, manifold loss, alignment gradient, manifold gradient); the alignment
-    loss is None without `with_align`, the gradients are empty tensors where not asked for, else
-    in z's dtype."""
+    `t_affine` (or None): the target is t' = (t - shift) * scale, formed by the row pass. The
+    Gram form's kernels read the target as it is, so there the row pass writes t' for them, and
+    in fp32: everything runs in fp32 then (a 16-bit t' rounds away the variation of a target whose
+    mean is far above its std). Returns (alignment loss, manifold loss, alignment gradient,
+    manifold gradient); the alignment loss is None without `with_align`, the gradients are empty
+    tensors where not asked for, else in z's dtype."""
     _check_dtypes(z, t)
     z_dtype = z.dtype
-    half = half and t.dtype != torch.float32
+    batch, tokens, dim = z.shape
+    gram = use_gram_form(tokens, dim)
+    half = half and t.dtype != torch.float32 and not (gram and t_affine is not None)
     if not half:
         z, t = z.float(), t.float()
     operand = torch.float16 if half else torch.float32
-    batch, tokens, dim = z.shape
-    gram = use_gram_form(tokens, dim)
-    nz, nt, cos, zn, sum_rows, diff_rows, align_grad = _row_stats(
-        z, t, operand, write_zn=not gram and with_grad, write_sum_diff=not gram,
-        write_align_grad=with_grad and with_align)
+    nz, nt, cos, zn, sum_rows, diff_rows, align_grad, t_written = _row_stats(
+        z, t, t_affine, operand, write_zn=not gram and with_grad, write_sum_diff=not gram,
+        write_align_grad=with_grad and with_align, write_target=gram and t_affine is not None)
     grad = torch.empty_like(z, memory_format=torch.contiguous_format) if with_grad else None
     if gram:
-        total = _gram_sum(z, t, nz, nt, operand, grad)
+        total = _gram_sum(z, t if t_written is None else t_written, nz, nt, operand, grad)
     else:
         total = _direct_sum(z, nz, zn, sum_rows, diff_rows, operand, grad)
     align = (-cos.sum(dtype=torch.float64) / (batch * tokens)).float() if with_align else None
@@ -665,13 +695,14 @@ def _grad_shape(z: torch.Tensor, with_grad: bool) -> torch.Tensor:
 
 
 @torch.library.custom_op("repa_fast::triton_manifold_loss", mutates_args=())
-def _manifold_op(z: torch.Tensor, t: torch.Tensor, with_grad: bool, half: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    _, manifold, _, grad = _losses_and_grads(z, t, with_grad, with_align=False, half=half)
+def _manifold_op(z: torch.Tensor, t: torch.Tensor, with_grad: bool, half: bool,
+                 t_affine: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    _, manifold, _, grad = _losses_and_grads(z, t, with_grad, with_align=False, half=half, t_affine=t_affine)
     return manifold, grad
 
 
 @_manifold_op.register_fake
-def _(z, t, with_grad, half):
+def _(z, t, with_grad, half, t_affine=None):
     return z.new_empty((), dtype=torch.float32), _grad_shape(z, with_grad)
 
 
@@ -681,7 +712,7 @@ def _save_grads(ctx, inputs, output):
 
 def _manifold_backward(ctx, grad_loss, _):
     (grad,) = ctx.saved_tensors
-    return grad * grad_loss, None, None, None
+    return grad * grad_loss, None, None, None, None
 
 
 _manifold_op.register_autograd(_manifold_backward, setup_context=_save_grads)
@@ -715,10 +746,12 @@ def _wants_grad(z: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and z.requires_grad
 
 
-def manifold_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean over (b, i, j) of (<zn_bi, zn_bj> - <tn_bi, tn_bj>)^2 for (B, N, E) inputs; fp32."""
+def manifold_loss(projected: torch.Tensor, target: torch.Tensor,
+                  t_affine: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """mean over (b, i, j) of (<zn_bi, zn_bj> - <tn_bi, tn_bj>)^2 for (B, N, E) inputs; fp32.
+    With `t_affine` ((2, B, E) shift, scale: zscore.target_zscore), of t' = (t - shift) * scale."""
     half = half_operands(projected.dtype, target.dtype)
-    return _manifold_op(projected, target, _wants_grad(projected), half)[0]
+    return _manifold_op(projected, target, _wants_grad(projected), half, t_affine)[0]
 
 
 def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps):
@@ -779,12 +812,16 @@ def aot_specs() -> List[dict]:
         operand = operand_dtype(t_dtype)
         dtypes = dict(z=z_dtype, t=t_dtype, operand=operand)
         for write_zn, write_sum_diff in _ROW_PASS_WRITES:
-            for write_align_grad in (False, True):
-                specs.append(_spec("manifold_row_stats", _row_stats_kernel, dtypes,
-                                   dict(BLOCK_ROWS=ROW_BLOCK["BLOCK_ROWS"], BLOCK_E=ROW_BLOCK["BLOCK_E"], EPS=EPS,
-                                        WRITE_ZN=write_zn, WRITE_SUM_DIFF=write_sum_diff,
-                                        WRITE_ALIGN_GRAD=write_align_grad),
-                                   ROW_BLOCK["num_warps"], ROW_BLOCK["num_stages"], False))
+            # manifold_loss with iREPA's target z-score; the Gram form's row pass then also
+            # writes t', and runs in fp32 (_losses_and_grads)
+            for t_affine in (False, True) if write_sum_diff or operand == torch.float32 else (False,):
+                for write_align_grad in (False, True):
+                    specs.append(_spec("manifold_row_stats", _row_stats_kernel, dtypes,
+                                       dict(BLOCK_ROWS=ROW_BLOCK["BLOCK_ROWS"], BLOCK_E=ROW_BLOCK["BLOCK_E"], EPS=EPS,
+                                            WRITE_ZN=write_zn, WRITE_SUM_DIFF=write_sum_diff,
+                                            WRITE_ALIGN_GRAD=write_align_grad, T_AFFINE=t_affine,
+                                            WRITE_TARGET=t_affine and not write_sum_diff),
+                                       ROW_BLOCK["num_warps"], ROW_BLOCK["num_stages"], False))
         specs.append(_spec("manifold_column_means", _column_means_kernel, dtypes,
                            dict(BLOCK_ROWS=MEANS_BLOCK["BLOCK_ROWS"], BLOCK_E=MEANS_BLOCK["BLOCK_E"]),
                            MEANS_BLOCK["num_warps"], MEANS_BLOCK["num_stages"], False))

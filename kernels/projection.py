@@ -39,6 +39,9 @@ How it is computed (M = B*S hidden rows, M' = B*N' aligned rows, M' <= M):
   dgamma, no dbeta), dL/dh = dZ @ W written straight into the hidden gradient (FUSE_LN off) or,
   when resampled, through the adjoint resampling alone (`_ln_backward_rows_kernel` with
   LAYER_NORM off); the autograd returns None for ln_weight and ln_bias.
+* `cosine_alignment_loss` (the conv head's) may take iREPA's z-score of the target as a
+  per-(sample, channel) affine map (zscore.py): its kernels form (t - shift) * scale in fp32 as
+  they load t, which is read in its own dtype.
 * No atomics anywhere: every reduction has a fixed order, so results are bitwise reproducible.
 
 Dtypes: hidden fp32/fp16/bf16, the target in the hidden dtype or else fp32 (an exact cast: a
@@ -318,14 +321,29 @@ def _cosine_finish_kernel(RowSums, RowTerms,  # RowSums: (parts, 3, M) fp32; Row
 
 
 @triton.jit
-def _cosine_rows_kernel(Z, T, RowTerms,  # Z, T: (B, N, E) strided; RowTerms: (4, M) fp32 out
+def _load_target(T, t_offs, affine_offs, e, mask, stride_te, Shift, Scale, T_AFFINE: tl.constexpr):
+    """A (rows, E-block) tile of the target in fp32; with T_AFFINE, (t - shift) * scale with
+    the row's sample's shift and scale (`target_zscore`, (B, E) fp32 each, rows at
+    `affine_offs` = sample * E)."""
+    t = tl.load(T + t_offs[:, None] + e[None, :] * stride_te, mask=mask, other=0.0).to(tl.float32)
+    if T_AFFINE:
+        offs = affine_offs[:, None] + e[None, :]
+        t = (t - tl.load(Shift + offs, mask=mask, other=0.0)) * tl.load(Scale + offs, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
+def _cosine_rows_kernel(Z, T,          # (B, N, E) strided
+                        Shift, Scale,  # (B, E) fp32 each: t' = (t - shift) * scale is the target (T_AFFINE)
+                        RowTerms,      # (4, M) fp32 out
                         M, N, E, stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te, inv_rows,
-                        BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+                        BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, T_AFFINE: tl.constexpr):
     """cosine_alignment_loss's rows: <z,t>, |z|^2, |t|^2 over E, then the shared cosine terms."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < M
     z_offs = _row_offsets(rows, N, stride_zb, stride_zn)
     t_offs = _row_offsets(rows, N, stride_tb, stride_tn)
+    affine_offs = rows // N * E
     zt = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     zz = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     tt = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
@@ -333,7 +351,7 @@ def _cosine_rows_kernel(Z, T, RowTerms,  # Z, T: (B, N, E) strided; RowTerms: (4
         e = e0 + tl.arange(0, BLOCK_E)
         mask = row_mask[:, None] & (e < E)[None, :]
         z = tl.load(Z + z_offs[:, None] + e[None, :] * stride_ze, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(T + t_offs[:, None] + e[None, :] * stride_te, mask=mask, other=0.0).to(tl.float32)
+        t = _load_target(T, t_offs, affine_offs, e, mask, stride_te, Shift, Scale, T_AFFINE)
         zt += tl.sum(z * t, axis=1)
         zz += tl.sum(z * z, axis=1)
         tt += tl.sum(t * t, axis=1)
@@ -341,9 +359,12 @@ def _cosine_rows_kernel(Z, T, RowTerms,  # Z, T: (B, N, E) strided; RowTerms: (4
 
 
 @triton.jit
-def _cosine_grad_kernel(Z, T, Alpha, Beta, DZ,  # Z, T: (B, N, E) strided; Alpha, Beta: (M,) fp32; DZ: (B, N, E) out
+def _cosine_grad_kernel(Z, T,          # (B, N, E) strided
+                        Shift, Scale,  # (B, E) fp32 each (T_AFFINE), as in _cosine_rows_kernel
+                        Alpha, Beta,   # (M,) fp32
+                        DZ,            # (B, N, E) out
                         M, N, E, stride_zb, stride_zn, stride_ze, stride_tb, stride_tn, stride_te,
-                        BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+                        BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr, T_AFFINE: tl.constexpr):
     """cosine_alignment_loss's backward: dz = alpha * t + beta * z (grad_output folded into alpha, beta)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -352,8 +373,10 @@ def _cosine_grad_kernel(Z, T, Alpha, Beta, DZ,  # Z, T: (B, N, E) strided; Alpha
     alpha = tl.load(Alpha + rows, mask=row_mask, other=0.0)
     beta = tl.load(Beta + rows, mask=row_mask, other=0.0)
     z_offs = _row_offsets(rows, N, stride_zb, stride_zn)[:, None] + e[None, :] * stride_ze
-    t_offs = _row_offsets(rows, N, stride_tb, stride_tn)[:, None] + e[None, :] * stride_te
-    dz, _ = _grad_z_tile(Z, Z, T, z_offs, z_offs, t_offs, mask, alpha[:, None], beta[:, None], 0.0, True, False)
+    z = tl.load(Z + z_offs, mask=mask, other=0.0).to(tl.float32)
+    t = _load_target(T, _row_offsets(rows, N, stride_tb, stride_tn), rows // N * E, e, mask, stride_te, Shift, Scale,
+                     T_AFFINE)
+    dz = alpha[:, None] * t + beta[:, None] * z
     tl.store(DZ + rows.to(tl.int64)[:, None] * E + e[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -949,25 +972,30 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
             grad_b.to(proj_weight.dtype))  # the bias shares W's dtype (_projector_params)
 
 
-def _cosine_rows(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _affine_rows(t_affine: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(shift, scale), (B, E) fp32 each, of a `target_zscore` affine; (None, None) without one."""
+    return (None, None) if t_affine is None else tuple(t_affine.float().contiguous())
+
+
+def _cosine_rows(z: torch.Tensor, t: torch.Tensor, t_affine: Optional[torch.Tensor]) -> torch.Tensor:
     batch, tokens, e_dim = z.shape
     rows = batch * tokens
     row_terms = torch.empty(4, rows, device=z.device, dtype=torch.float32)
     block_rows, block_e, warps = ROW_BLOCK
     _cosine_rows_kernel[(triton.cdiv(rows, block_rows),)](
-        z, t, row_terms, rows, tokens, e_dim, *_strides3(z), *_strides3(t), 1.0 / rows,
-        BLOCK_ROWS=block_rows, BLOCK_E=block_e, num_warps=warps)
+        z, t, *_affine_rows(t_affine), row_terms, rows, tokens, e_dim, *_strides3(z), *_strides3(t), 1.0 / rows,
+        BLOCK_ROWS=block_rows, BLOCK_E=block_e, T_AFFINE=t_affine is not None, num_warps=warps)
     return row_terms
 
 
-def _cosine_grad(z, t, alpha, beta) -> torch.Tensor:
+def _cosine_grad(z, t, t_affine, alpha, beta) -> torch.Tensor:
     batch, tokens, e_dim = z.shape
     rows = batch * tokens
     grad = torch.empty(batch, tokens, e_dim, device=z.device, dtype=z.dtype)
     block_rows, block_e, warps = ROW_BLOCK
     _cosine_grad_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(e_dim, block_e))](
-        z, t, alpha, beta, grad, rows, tokens, e_dim, *_strides3(z), *_strides3(t),
-        BLOCK_ROWS=block_rows, BLOCK_E=block_e, num_warps=warps)
+        z, t, *_affine_rows(t_affine), alpha, beta, grad, rows, tokens, e_dim, *_strides3(z), *_strides3(t),
+        BLOCK_ROWS=block_rows, BLOCK_E=block_e, T_AFFINE=t_affine is not None, num_warps=warps)
     return grad
 
 
@@ -1141,35 +1169,38 @@ def _projection_backward_fake(grad_z, z, target, row_terms, grad_loss, hidden, s
 
 
 @torch.library.custom_op("repa_fast::triton_cosine_alignment", mutates_args=())
-def _cosine_alignment_op(z: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+def _cosine_alignment_op(z: Tensor, t: Tensor, t_affine: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(loss, row_terms (4, B*N): cos, alpha, beta, bound)."""
-    row_terms = _cosine_rows(z, t)
+    row_terms = _cosine_rows(z, t, t_affine)
     return -row_terms[0].mean(), row_terms
 
 
 @_cosine_alignment_op.register_fake
-def _cosine_alignment_fake(z, t):
+def _cosine_alignment_fake(z, t, t_affine):
     return z.new_empty((), dtype=torch.float32), z.new_empty(4, z.shape[0] * z.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("repa_fast::triton_cosine_alignment_backward", mutates_args=())
-def _cosine_alignment_backward_op(z: Tensor, t: Tensor, row_terms: Tensor, grad_loss: Tensor) -> Tensor:
+def _cosine_alignment_backward_op(z: Tensor, t: Tensor, t_affine: Optional[Tensor], row_terms: Tensor,
+                                  grad_loss: Tensor) -> Tensor:
     alpha, beta = row_terms[1:3] * grad_loss
-    return _cosine_grad(z, t, alpha, beta)
+    return _cosine_grad(z, t, t_affine, alpha, beta)
 
 
 @_cosine_alignment_backward_op.register_fake
-def _cosine_alignment_backward_fake(z, t, row_terms, grad_loss):
+def _cosine_alignment_backward_fake(z, t, t_affine, row_terms, grad_loss):
     return z.new_empty(z.shape)
 
 
 def _cosine_alignment_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.has_affine = inputs[2] is not None
+    ctx.save_for_backward(inputs[0], inputs[1], output[1], *inputs[2:] if ctx.has_affine else ())
 
 
 def _cosine_alignment_backward(ctx, grad_loss, unused_grad):
-    z, t, row_terms = ctx.saved_tensors
-    return torch.ops.repa_fast.triton_cosine_alignment_backward(z, t, row_terms, grad_loss), None
+    z, t, row_terms, *affine = ctx.saved_tensors
+    t_affine = affine[0] if ctx.has_affine else None
+    return torch.ops.repa_fast.triton_cosine_alignment_backward(z, t, t_affine, row_terms, grad_loss), None, None
 
 
 _cosine_alignment_op.register_autograd(_cosine_alignment_backward, setup_context=_cosine_alignment_setup)
@@ -1227,11 +1258,13 @@ def aligned_projection(hidden: Tensor, target: Tensor, ln_weight: Optional[Tenso
     return z, resample_tokens(target.detach(), plan.b)
 
 
-def cosine_alignment_loss(z: Tensor, t: Tensor) -> Tensor:
-    """-mean over rows of cos(z, t); z, t (B, N, E) in fp32/fp16/bf16 (may differ); fp32 scalar."""
+def cosine_alignment_loss(z: Tensor, t: Tensor, t_affine: Optional[Tensor] = None) -> Tensor:
+    """-mean over rows of cos(z, t); z, t (B, N, E) in fp32/fp16/bf16 (may differ); fp32 scalar.
+    With `t_affine` ((2, B, E) shift, scale: zscore.target_zscore), t' = (t - shift) * scale in
+    place of t, formed as the kernels load t."""
     _check_dtype("projected", z)
     _check_dtype("target", t)
-    return _cosine_alignment_op(z, t.detach())[0]
+    return _cosine_alignment_op(z, t.detach(), t_affine)[0]
 
 
 # =============================================================================================
@@ -1345,10 +1378,14 @@ def aot_specs() -> Iterator[Dict[str, object]]:
             z, t = _PTR[z_dtype], _PTR[t_dtype]
             tag = f"z={_short(z_dtype)},t={_short(t_dtype)}"
             blocks = {"BLOCK_ROWS": rows, "BLOCK_E": block_d}
-            yield _spec(_cosine_rows_kernel, {"Z": z, "T": t, "RowTerms": f32}, blocks, warps, tag=tag,
-                        **_contiguous(_cosine_rows_kernel))
-            yield _spec(_cosine_grad_kernel, {"Z": z, "T": t, "Alpha": f32, "Beta": f32, "DZ": z}, blocks, warps,
-                        tag=tag, **_contiguous(_cosine_grad_kernel))
+            for t_affine in (False, True):  # cosine_alignment_loss with iREPA's target z-score
+                affine = {"Shift": f32, "Scale": f32}
+                flags = dict(blocks, T_AFFINE=t_affine)
+                tagged = f"{tag},t_affine={t_affine}"
+                yield _spec(_cosine_rows_kernel, {"Z": z, "T": t, "RowTerms": f32, **affine}, flags, warps,
+                            tag=tagged, **_contiguous(_cosine_rows_kernel))
+                yield _spec(_cosine_grad_kernel, {"Z": z, "T": t, "Alpha": f32, "Beta": f32, "DZ": z, **affine},
+                            flags, warps, tag=tagged, **_contiguous(_cosine_grad_kernel))
 
     for act, operands in _operand_cases():
         # a: hidden and target; o: repa_loss's operand buffers (Wf, resampled rows, its z).

@@ -2,9 +2,14 @@
 
 A backend is a module exposing, with the same signatures as `repa_fast.reference`:
 `repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan, ln_eps)`,
-`urepa_loss(...)` (same arguments), `cosine_alignment_loss(z, t)` and `manifold_loss(z, t)`.
+`urepa_loss(...)` (same arguments), `cosine_alignment_loss(z, t, t_affine=None)`,
+`manifold_loss(z, t, t_affine=None)` and `target_zscore(target, alpha)`.
 Inputs arrive validated, as (B, N, C) token views, targets detached. `ln_weight` and `ln_bias`
 may both be None: no LayerNorm, the projection is the Linear alone (an MLP head's last layer).
+`target_zscore` gives iREPA's z-score of a (B, N, E) target over its tokens as a per-(sample,
+channel) affine map, (2, B, E) = (shift, scale), fp32 (float64 for float64 targets); the two
+losses given it as `t_affine` use t' = (t - shift) * scale in place of t (the z-score commutes
+with the token resampling, so t may be the resampled target).
 """
 from __future__ import annotations
 

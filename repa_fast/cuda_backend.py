@@ -138,6 +138,7 @@ def load_library(path: str) -> None:
     torch.ops.load_library(path)
     torch.library.register_fake("repa_fast::cuda_alignment_terms", _alignment_terms_fake)
     torch.library.register_fake("repa_fast::cuda_alignment_terms_backward", _alignment_terms_backward_fake)
+    torch.library.register_fake("repa_fast::cuda_target_zscore", _target_zscore_fake)
     torch.library.register_autograd("repa_fast::cuda_alignment_terms", _alignment_terms_backward,
                                     setup_context=_alignment_terms_setup)
     _library = path
@@ -259,29 +260,34 @@ def _(x, step):
 
 # Fake implementations and autograd of the C++ ops, registered by load_library.
 
-def _alignment_terms_fake(z, t, manifold, gram, need_grad, half_precision):
+def _alignment_terms_fake(z, t, manifold, gram, need_grad, half_precision, t_affine=None):
     batch, tokens, dim = z.shape
     scalar = z.new_empty((), dtype=torch.float32)
     grad_rows = batch if manifold and need_grad else 0
     return scalar, torch.empty_like(scalar), z.new_empty((grad_rows, tokens, dim), dtype=torch.float32)
 
 
-def _alignment_terms_backward_fake(z, t, manifold_grad, grad_align, grad_manifold):
+def _alignment_terms_backward_fake(z, t, manifold_grad, grad_align, grad_manifold, t_affine=None):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
+def _target_zscore_fake(target, alpha):
+    return target.new_empty((2, target.shape[0], target.shape[2]), dtype=torch.float32)
+
+
 def _alignment_terms_setup(ctx, inputs, output):
-    z, t = inputs[:2]
-    ctx.save_for_backward(z, t, output[2])
+    z, t, *_, t_affine = inputs
+    ctx.has_affine = t_affine is not None
+    ctx.save_for_backward(z, t, output[2], *(t_affine,) if ctx.has_affine else ())
 
 
 def _alignment_terms_backward(ctx, grad_align, grad_manifold, unused):
-    z, t, manifold_grad = ctx.saved_tensors
+    z, t, manifold_grad, *affine = ctx.saved_tensors
     zero = z.new_zeros((), dtype=torch.float32)
     grad_z = torch.ops.repa_fast.cuda_alignment_terms_backward(
         z, t, manifold_grad, zero if grad_align is None else grad_align,
-        zero if grad_manifold is None else grad_manifold)
-    return grad_z, None, None, None, None, None
+        zero if grad_manifold is None else grad_manifold, affine[0] if affine else None)
+    return grad_z, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- the backend interface
@@ -290,12 +296,14 @@ def _has_float64(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
-def _alignment_terms(z: Tensor, t: Tensor, manifold: bool, activations: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(alignment, manifold) of z and t; half-precision `activations` put the manifold's products on
-    tensor cores."""
+def _alignment_terms(z: Tensor, t: Tensor, manifold: bool, activations: torch.dtype,
+                     t_affine: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(alignment, manifold) of z and t (with `t_affine`: of t z-scored on load, t read in its
+    dtype); half-precision `activations` put the manifold's products on tensor cores."""
     gram = reference.use_gram_form(z.shape[1], z.shape[2])
     half = activations in (torch.float16, torch.bfloat16)
-    align, manifold_value, _ = torch.ops.repa_fast.cuda_alignment_terms(z, t, manifold, gram, z.requires_grad, half)
+    align, manifold_value, _ = torch.ops.repa_fast.cuda_alignment_terms(z, t, manifold, gram, z.requires_grad, half,
+                                                                        t_affine)
     return align, manifold_value
 
 
@@ -322,13 +330,21 @@ def urepa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan:
     return _alignment_terms(z, t, True, hidden.dtype)
 
 
-def cosine_alignment_loss(projected: Tensor, target: Tensor) -> Tensor:
-    if _has_float64(projected, target):
-        return reference.cosine_alignment_loss(projected, target)
-    return _alignment_terms(projected, target, False, projected.dtype)[0]
+def target_zscore(target: Tensor, alpha: float) -> Tensor:
+    """iREPA's z-score of a (B, N, E) target as (2, B, E) (shift, scale), float32 from one pass
+    over it (float64 targets: the torch backend's, in float64)."""
+    if _has_float64(target):
+        return reference.target_zscore(target, alpha)
+    return torch.ops.repa_fast.cuda_target_zscore(target.detach(), float(alpha))
 
 
-def manifold_loss(projected: Tensor, target: Tensor) -> Tensor:
-    if _has_float64(projected, target):
-        return reference.manifold_loss(projected, target)
-    return _alignment_terms(projected, target, True, projected.dtype)[1]
+def cosine_alignment_loss(projected: Tensor, target: Tensor, t_affine: Optional[Tensor] = None) -> Tensor:
+    if _has_float64(projected, target, t_affine):
+        return reference.cosine_alignment_loss(projected, target, t_affine)
+    return _alignment_terms(projected, target, False, projected.dtype, t_affine)[0]
+
+
+def manifold_loss(projected: Tensor, target: Tensor, t_affine: Optional[Tensor] = None) -> Tensor:
+    if _has_float64(projected, target, t_affine):
+        return reference.manifold_loss(projected, target, t_affine)
+    return _alignment_terms(projected, target, True, projected.dtype, t_affine)[1]

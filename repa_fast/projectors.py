@@ -6,7 +6,9 @@ iREPA's spatial z-score of the target.
   Linear goes to the backend's `repa_loss` / `urepa_loss` with `ln_weight = ln_bias = None` (the
   LayerNorm + Linear head without its LayerNorm): fused with the alignment and the loss terms.
 - "conv" (iREPA's): the convolution through torch (cuDNN) on the hidden tokens' grid, then the
-  alignment and the backend's cosine (and manifold) terms.
+  alignment and the backend's cosine (and manifold) terms. iREPA's target z-score is fused with
+  them: the backend's `target_zscore` gives its per-(sample, channel) affine map from the
+  target in one pass, the loss terms apply it as they load the (resampled) target.
 
 The torch backend is the reference: its torch layers run in the compute dtype (float32 for
 half-precision activations, as a trainer's fp32 projector does); the fused backends run them in
@@ -64,11 +66,13 @@ def _check_widths(projector, hidden: torch.Tensor, tokens: torch.Tensor, target:
 
 
 def _conv_tokens(projector, tokens: torch.Tensor, grid: Grid, dtype: torch.dtype) -> torch.Tensor:
-    """The conv head on (B, S, D) tokens laid out row-major on `grid` -> (B, S, E) tokens."""
+    """The conv head on (B, S, D) tokens laid out row-major on `grid` -> (B, S, E) tokens, rows
+    contiguous for the loss kernels. Contiguous (B, S, D) tokens make a channels-last feature map,
+    and the convolution's output on CPU and through cuDNN is channels-last then: no copy."""
     conv = projector.conv
     fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid).to(dtype)
     out = F.conv2d(fmap, conv.weight.to(dtype), conv.bias.to(dtype), padding=conv.padding)
-    return out.flatten(2).transpose(1, 2)
+    return out.flatten(2).transpose(1, 2).contiguous()
 
 
 def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, hidden_grid: Optional[Grid] = None,
@@ -83,7 +87,7 @@ def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, h
     tokens, h_grid = as_tokens("hidden", hidden, hidden_grid)
     t, t_grid = as_tokens("target", target, target_grid, allow_feature_map=False)
     t = t.detach()
-    if alpha is not None:
+    if alpha is not None and projector.kind != "conv":
         t = spatial_zscore(t, alpha)
     if projector.kind == "layernorm_linear":
         kwargs = dict(hidden_grid=hidden_grid, target_grid=t_grid, ln_eps=projector.norm.eps, backend=backend,
@@ -117,8 +121,17 @@ def projector_losses(projector, hidden: torch.Tensor, target: torch.Tensor, *, h
         z = _conv_tokens(projector, tokens, grid, dtype)
         plan = plan_alignment(z.shape[1], t.shape[1], grid, t_grid, check_flag("spatial_align", spatial_align),
                               token_alignment)
-        z, t = resample_tokens(z, plan.a), resample_tokens(t, plan.b)
-    t = t.to(z.dtype)
-    module = resolve_backend(backend, hidden.device)
-    align = module.cosine_alignment_loss(z, t)
-    return (align, module.manifold_loss(z, t)) if manifold else (align,)
+        module = resolve_backend(backend, hidden.device)
+        if alpha is None:
+            t_affine = None
+            t = resample_tokens(t, plan.b).to(z.dtype)
+        else:
+            # the z-score's statistics in one pass over the target as it is; the affine map they
+            # give commutes with the resampling and is applied where the loss kernels load t.
+            # A resampled target is resampled in fp32 (or float64): rounding the raw values to
+            # 16 bits would swamp a small std under a large mean.
+            t_affine = module.target_zscore(t, alpha)
+            t = t if plan.b is None else resample_tokens(t.to(compute_dtype(t)), plan.b)
+        z = resample_tokens(z, plan.a)
+        align = module.cosine_alignment_loss(z, t, t_affine)
+        return (align, module.manifold_loss(z, t, t_affine)) if manifold else (align,)

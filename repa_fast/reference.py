@@ -49,13 +49,32 @@ def linear_then_resample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return resample_tokens(F.linear(x, weight, bias), step)
 
 
+def target_zscore(target: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's target normalisation as a per-(sample, channel) affine map over the N tokens of
+    a (B, N, E) target: (2, B, E) = (shift, scale) with shift = alpha * mean_n, scale =
+    1 / (std_n + eps), unbiased std (0 when N == 1), in the compute dtype; applied by
+    `apply_target_affine` as (t - shift) * scale. Token resampling commutes with it (its weights
+    sum to one), so it may be applied to the resampled target."""
+    y = target.to(compute_dtype(target))
+    std = y.std(dim=1, correction=1 if y.shape[1] > 1 else 0)
+    return torch.stack((alpha * y.mean(dim=1), 1.0 / (std + eps)))
+
+
+def apply_target_affine(target: torch.Tensor, t_affine: Optional[torch.Tensor]) -> torch.Tensor:
+    """(target - shift) * scale per (sample, channel) in the compute dtype; the target itself
+    when `t_affine` is None."""
+    if t_affine is None:
+        return target
+    dtype = compute_dtype(target, t_affine)
+    shift, scale = t_affine.to(dtype).unsqueeze(2)
+    return (target.to(dtype) - shift) * scale
+
+
 def spatial_zscore(tokens: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
     """iREPA's target normalisation, per sample and channel over the N tokens of (B, N, E):
     `(y - alpha * mean_n(y)) / (std_n(y) + eps)`, unbiased std (0 when N == 1). Computed and
     returned in the compute dtype (float32 for half-precision targets)."""
-    y = tokens.to(compute_dtype(tokens))
-    std = y.std(dim=1, keepdim=True, correction=1 if y.shape[1] > 1 else 0)
-    return (y - alpha * y.mean(dim=1, keepdim=True)) / (std + eps)
+    return apply_target_affine(tokens, target_zscore(tokens, alpha, eps))
 
 
 def _cosine_of_normalized(zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
@@ -128,14 +147,21 @@ def _manifold_of_normalized(zn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
     return total / (batch * tokens * tokens)
 
 
-def cosine_alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _normalized_pair(projected, target, t_affine) -> Tuple[torch.Tensor, torch.Tensor]:
+    target = apply_target_affine(target, t_affine)
     dtype = compute_dtype(projected, target)
-    return _cosine_of_normalized(F.normalize(projected.to(dtype), dim=-1), F.normalize(target.to(dtype), dim=-1))
+    return F.normalize(projected.to(dtype), dim=-1), F.normalize(target.to(dtype), dim=-1)
 
 
-def manifold_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    dtype = compute_dtype(projected, target)
-    return _manifold_of_normalized(F.normalize(projected.to(dtype), dim=-1), F.normalize(target.to(dtype), dim=-1))
+def cosine_alignment_loss(projected: torch.Tensor, target: torch.Tensor,
+                          t_affine: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """-mean cos(z, t'), t' = the target through `t_affine` (`target_zscore`) when given."""
+    return _cosine_of_normalized(*_normalized_pair(projected, target, t_affine))
+
+
+def manifold_loss(projected: torch.Tensor, target: torch.Tensor,
+                  t_affine: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _manifold_of_normalized(*_normalized_pair(projected, target, t_affine))
 
 
 def repa_loss(hidden, target, ln_weight, ln_bias, proj_weight, proj_bias, plan: AlignmentPlan,

@@ -221,7 +221,9 @@ def test_prebuilt_library_is_used_unless_csrc_was_edited_since(monkeypatch, tmp_
     library.write_bytes(b"")
     spec = importlib.util.spec_from_file_location(build.EXTENSION, library)
     monkeypatch.setattr(cuda_backend.importlib.util, "find_spec", lambda name: spec if name == build.EXTENSION else None)
-    newest = max(path.stat().st_mtime for path in (ROOT / "csrc").iterdir())  # sources and headers
+    csrc = ROOT / "csrc"   # the library's sources and headers (not the host stand-ins)
+    watched = [csrc / s for s in build.SOURCES] + [*csrc.glob("*.h"), *csrc.glob("*.cuh")]
+    newest = max(path.stat().st_mtime for path in watched)
     os.utime(library, (newest + 10, newest + 10))
     assert cuda_backend._prebuilt_library() == str(library)
     os.utime(library, (newest - 10, newest - 10))

@@ -71,10 +71,13 @@ def test_alignment_terms_forward_and_backward_through_the_registrations(dispatch
     """Meta tensors: the dispatcher runs the fakes and the autograd formula against the schemas."""
     z = torch.randn(2, 5, 8, device="meta", requires_grad=True)
     t = torch.randn(2, 5, 8, device="meta")
-    align, manifold_value, manifold_grad = torch.ops.repa_fast.cuda_alignment_terms(z, t, manifold, False, True, False)
-    assert align.shape == manifold_value.shape == ()
-    (align + manifold_value).backward()
-    assert z.grad.shape == z.shape
+    for t_affine in (None, torch.ops.repa_fast.cuda_target_zscore(t, 0.6)):   # iREPA's z-score on load, or none
+        z.grad = None
+        align, manifold_value, manifold_grad = torch.ops.repa_fast.cuda_alignment_terms(z, t, manifold, False, True,
+                                                                                        False, t_affine)
+        assert align.shape == manifold_value.shape == ()
+        (align + manifold_value).backward()
+        assert z.grad.shape == z.shape
 
 
 class LibraryCalls(TorchDispatchMode):
@@ -118,7 +121,9 @@ def test_every_call_site_binds_to_its_schema(dispatch_key):
             assert len(grads) == 3
         cuda_backend._resample_tokens._init_fn(hidden, cuda_backend._encode(Resample("linear", (tokens,), (9,))))
         z, t = torch.randn(batch, tokens, out_dim), torch.randn(batch, tokens, out_dim)
-        cuda_backend._alignment_terms(z, t, True, torch.bfloat16)
-        saved = SimpleNamespace(saved_tensors=(z, t, torch.randn(batch, tokens, out_dim)))
-        cuda_backend._alignment_terms_backward(saved, torch.ones(()), torch.ones(()), None)
+        cuda_backend.target_zscore(t, 0.6)
+        for affine in ((), (torch.randn(2, batch, out_dim),)):   # the target as it is, or z-scored on load
+            cuda_backend._alignment_terms(z, t, True, torch.bfloat16, *affine)
+            saved = SimpleNamespace(saved_tensors=(z, t, torch.randn(batch, tokens, out_dim), *affine))
+            cuda_backend._alignment_terms_backward(saved, torch.ones(()), torch.ones(()), None)
     assert calls.called == LIBRARY_OPS

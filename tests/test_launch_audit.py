@@ -38,9 +38,9 @@ pytest.importorskip("triton")
 
 from repa_fast import backends, cuda_backend  # noqa: E402
 from repa_fast.cli import bench_cases  # noqa: E402
-from repa_fast.kernels import manifold, projection  # noqa: E402
+from repa_fast.kernels import manifold, projection, zscore  # noqa: E402
 
-KERNEL_MODULES = (projection, manifold)
+KERNEL_MODULES = (projection, manifold, zscore)
 INT32 = 2 ** 31
 GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
 # bf16: the fp16-operand configurations (fp16 activations launch the same ones); fp32: the exact
@@ -50,20 +50,16 @@ BACKENDS = ("triton", "cuda")
 
 
 def _cases() -> List[bench_cases.Case]:
-    cases = bench_cases.PRESETS["design"]() + bench_cases.PRESETS["models"]() + _mlp_cases()
+    cases = bench_cases.PRESETS["design"]() + bench_cases.PRESETS["models"]() + _mlp_cases() + \
+        [case for case in bench_cases.PRESETS["projectors"]() if case.projector == "irepa"]
     return list({case.name: case for case in cases}.values())
 
 
 def _mlp_cases() -> List[bench_cases.Case]:
     """The mlp head (its last Linear fused without LayerNorm): the `projectors` preset's SiT-XL
-    case, and U-REPA through the same head. Audited on the triton backend only: this branch's
-    cuda backend has no path without LayerNorm yet."""
+    case, and U-REPA through the same head."""
     repa = [case for case in bench_cases.PRESETS["projectors"]() if case.projector == "mlp"]
     return repa + [dataclasses.replace(case, name="u" + case.name, op="urepa") for case in repa]
-
-
-def _backends(case: bench_cases.Case) -> Tuple[str, ...]:
-    return ("triton",) if case.projector == "mlp" else BACKENDS
 
 
 # ---------------------------------------------------------------- int32 offsets, per kernel
@@ -97,9 +93,11 @@ INT32_OFFSETS: Dict[str, List[Tuple[str, Callable]]] = {
                                ("k * stride_xd", lambda a: a.D * a.stride_xd), ("2 * M + rows", lambda a: 3 * a.M)],
     "_cosine_finish_kernel": [("part * 3 * M + 2 * M + rows", lambda a: a.PARTS * 3 * a.M)],
     "_cosine_rows_kernel": [("rows", lambda a: _rows(a, a.BLOCK_ROWS)), ("3 * M + rows", lambda a: 4 * a.M),
-                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te))],
+                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te)),
+                            ("affine_offs + e", lambda a: a.M // a.N * a.E + a.E)],
     "_cosine_grad_kernel": [("rows", lambda a: _rows(a, a.BLOCK_ROWS)),
-                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te))],
+                            ("e * stride", lambda a: a.E * max(a.stride_ze, a.stride_te)),
+                            ("rows // N * E + e", lambda a: a.M // a.N * a.E + a.E)],
     "_projection_dw_kernel": [("rows", lambda a: a.M + a.BLOCK_K),
                               ("e * stride_*e", lambda a: a.E * max(a.stride_dze, a.stride_ze, a.stride_te)),
                               ("d * stride_xd", lambda a: a.D * a.stride_xd), ("e * D + d", lambda a: a.E * a.D),
@@ -113,6 +111,8 @@ INT32_OFFSETS: Dict[str, List[Tuple[str, Callable]]] = {
     "_ln_backward_rows_kernel": [("rows", lambda a: _rows(a, a.BLOCK_ROWS)), ("token * K + k", lambda a: a.S * a.K),
                                  ("(batch * N + dst) * D + d", lambda a: a.M // a.S * a.N * a.D),
                                  ("d * stride_xd, d * stride_od", lambda a: a.D * max(a.stride_xd, a.stride_od))],
+    # zscore.py (the target's offsets are int64)
+    "_zscore_stats_kernel": [("n0 + arange", lambda a: a.N + a.BLOCK_N), ("B * E + b * E + es", lambda a: 2 * a.B * a.E)],
     # manifold.py (the sample offset b is int64 in every kernel)
     "_row_stats_kernel": [("rows * stride_*n", lambda a: a.N * max(a.stride_zn, a.stride_tn)),
                           ("es * stride_*e", lambda a: a.E * max(a.stride_ze, a.stride_te)),
@@ -210,7 +210,7 @@ def audit():
         meta = torch.device("meta")
         for case in _cases():
             for dtype in DTYPES:
-                for backend in _backends(case):
+                for backend in BACKENDS:
                     workload = bench_cases.make_workload(case, backend, meta, dtype)
                     current["recorder"] = recorder = Recorder()
                     with recorder:
@@ -220,7 +220,7 @@ def audit():
 
 
 CASE_IDS = [case.name for case in _cases()]
-CUDA_CASE_IDS = [case.name for case in _cases() if "cuda" in _backends(case)]
+CUDA_CASE_IDS = [case.name for case in _cases() ]
 
 
 def _recorders(audit, name, backend):
@@ -311,7 +311,7 @@ def _similarity_sized(case: bench_cases.Case, shape: Tuple[int, ...]) -> bool:
     return math.prod(shape) >= case.batch * tokens * tokens and len(token_dims) >= 2
 
 
-@pytest.mark.parametrize("backend, name", [(backend, case.name) for case in _cases() for backend in _backends(case)])
+@pytest.mark.parametrize("backend, name", [(backend, case.name) for case in _cases() for backend in BACKENDS])
 def test_no_allocation_of_b_n_n(audit, name, backend):
     case = next(c for c in _cases() if c.name == name)
     for dtype, rec in _recorders(audit, name, backend):
@@ -325,6 +325,7 @@ def test_no_allocation_of_b_n_n(audit, name, backend):
 LAYER_NORM_ROWS = 32         # csrc/kernels.h LAYER_NORM_ROWS; layer_norm.cu: blocks_for(B * S, ROWS)
 COSINE_ROWS = 8              # cosine.cu: blocks_for(rows, WARPS), 256 threads = 8 warps, a row each
 GATHER_THREADS = 256         # resample.cu: grid (dst_rows, batch, blocks_for(channels, THREADS))
+ZSCORE_FEATURES = 32         # zscore.cu: grid (blocks_for(E, FEATURES), B)
 SHARED_OPTIN = 227 * 1024    # an H100's cudaDevAttrMaxSharedMemoryPerBlockOptin (manifold.cu's budget)
 
 
@@ -345,7 +346,7 @@ def _direct_smem(block_rows, tokens, with_grad):
     return scratch + operands + (2 * block_rows * (round_up(tokens, bn) + 8) if with_grad else 0)
 
 
-def _alignment_terms(z, t, manifold, gram, need_grad, half_precision):
+def _alignment_terms(z, t, manifold, gram, need_grad, half_precision, t_affine=None):
     """ops.cpp alignment_terms and manifold_terms."""
     batch, tokens, dim = z.shape
     launches = [("cosine_rows_forward_kernel", (_cdiv(batch * tokens, COSINE_ROWS),), ())]
@@ -387,6 +388,8 @@ CUDA_LAUNCHES = {
     "cuda_alignment_terms": _alignment_terms,
     "cuda_alignment_terms_backward": lambda z, t, *grads: [
         ("cosine_rows_backward_kernel", (_cdiv(z.shape[0] * z.shape[1], COSINE_ROWS),), ())],
+    "cuda_target_zscore": lambda target, alpha: [
+        ("target_zscore_kernel", (_cdiv(target.shape[2], ZSCORE_FEATURES), target.shape[0]), ())],
 }
 
 

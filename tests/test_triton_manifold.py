@@ -354,6 +354,11 @@ def test_ops_pass_opcheck():
         for with_grad in (False, True):
             for half in (False, True):
                 torch.library.opcheck(op, (z.clone().requires_grad_(with_grad), t.to(torch.float16), with_grad, half))
+    t_affine = torch.ops.repa_fast.triton_target_zscore(t, 0.6)   # iREPA's z-score, on load
+    for z, t in ((z, t), (torch.randn(2, 37, 6, device=DEVICE), torch.randn(2, 37, 6, device=DEVICE))):  # direct, Gram
+        for with_grad in (False, True):
+            torch.library.opcheck(torch.ops.repa_fast.triton_manifold_loss.default,
+                                  (z.clone().requires_grad_(with_grad), t, with_grad, False, t_affine))
 
 
 def test_torch_compile_fullgraph():

@@ -383,9 +383,12 @@ def test_ops_pass_opcheck(dtype, resampled):
         (ops.triton_aligned_projection.default, (hidden, *params, *step, 1e-5)),
         (ops.triton_projection_backward.default, (None, z, inputs["target"], row_terms, torch.ones(()), *saved)),
         (ops.triton_projection_backward.default, (torch.randn_like(aligned_z), aligned_z, None, None, None, *saved)),
-        (ops.triton_cosine_alignment.default, (z.clone().requires_grad_(), inputs["target"])),
-        (ops.triton_cosine_alignment_backward.default, (z, inputs["target"], row_terms, torch.ones(()))),
+        (ops.triton_target_zscore.default, (inputs["target"], 0.6)),
     ]
+    for t_affine in (None, ops.triton_target_zscore(inputs["target"], 0.6)):  # iREPA's z-score on load, or none
+        cases += [(ops.triton_cosine_alignment.default, (z.clone().requires_grad_(), inputs["target"], t_affine)),
+                  (ops.triton_cosine_alignment_backward.default, (z, inputs["target"], t_affine, row_terms,
+                                                                  torch.ones(())))]
     for op, args in cases:
         torch.library.opcheck(op, args)
 

@@ -495,6 +495,14 @@ GRAM_GRAD_TILES = {(2, 2): (Tile(128, 32, 8, 3), Tile(64, 32, 4, 3)),
                    (4, 4): (Tile(32, 32, 4, 3),)}
 # Streaming kernels (no tl.dot): one stage, no software pipelining (launchers and specs read these).
 ROW_BLOCK = dict(BLOCK_ROWS=16, BLOCK_E=128, num_warps=4, num_stages=1)     # _row_stats_kernel
+# ... with iREPA's affine target (T_AFFINE): over 4 warps the fp32 variant writing zn, S and D
+# met a 128-register cap with an 8-byte stack on triton 3.7.1 sm_80; 8 warps halve each thread's tile.
+AFFINE_ROW_BLOCK = dict(ROW_BLOCK, num_warps=8)
+
+
+def row_block(t_affine: bool) -> dict:
+    return AFFINE_ROW_BLOCK if t_affine else ROW_BLOCK
+
 FINISH_BLOCK = dict(BLOCK_M=32, BLOCK_E=128, num_warps=4, num_stages=1)     # _finish_kernel
 MEANS_BLOCK = dict(rows_per_part=512, BLOCK_ROWS=16, BLOCK_E=128, num_warps=4, num_stages=1)    # _column_means_kernel
 
@@ -531,11 +539,12 @@ def _row_stats(z, t, t_affine, operand: torch.dtype, write_zn: bool, write_sum_d
                            if write_sum_diff else (None, None))
     ga = torch.empty_like(z, memory_format=torch.contiguous_format) if write_align_grad else None
     ta = torch.empty((batch, tokens, dim), device=z.device, dtype=torch.float32) if write_target else None
-    grid = (triton.cdiv(tokens, ROW_BLOCK["BLOCK_ROWS"]), batch)
+    block = row_block(t_affine is not None)
+    grid = (triton.cdiv(tokens, block["BLOCK_ROWS"]), batch)
     _row_stats_kernel[grid](z, t, *_affine_rows(t_affine), nz, nt, cos, zn, sum_rows, diff_rows, ga, ta, tokens, dim,
                             -1.0 / (batch * tokens), *z.stride(), *t.stride(), EPS=EPS, WRITE_ZN=write_zn,
                             WRITE_SUM_DIFF=write_sum_diff, WRITE_ALIGN_GRAD=write_align_grad,
-                            T_AFFINE=t_affine is not None, WRITE_TARGET=write_target, **ROW_BLOCK)
+                            T_AFFINE=t_affine is not None, WRITE_TARGET=write_target, **block)
     return nz, nt, cos, zn, sum_rows, diff_rows, ga, ta
 
 
@@ -815,13 +824,14 @@ def aot_specs() -> List[dict]:
             # manifold_loss with iREPA's target z-score; the Gram form's row pass then also
             # writes t', and runs in fp32 (_losses_and_grads)
             for t_affine in (False, True) if write_sum_diff or operand == torch.float32 else (False,):
+                block = row_block(t_affine)
                 for write_align_grad in (False, True):
                     specs.append(_spec("manifold_row_stats", _row_stats_kernel, dtypes,
-                                       dict(BLOCK_ROWS=ROW_BLOCK["BLOCK_ROWS"], BLOCK_E=ROW_BLOCK["BLOCK_E"], EPS=EPS,
+                                       dict(BLOCK_ROWS=block["BLOCK_ROWS"], BLOCK_E=block["BLOCK_E"], EPS=EPS,
                                             WRITE_ZN=write_zn, WRITE_SUM_DIFF=write_sum_diff,
                                             WRITE_ALIGN_GRAD=write_align_grad, T_AFFINE=t_affine,
                                             WRITE_TARGET=t_affine and not write_sum_diff),
-                                       ROW_BLOCK["num_warps"], ROW_BLOCK["num_stages"], False))
+                                       block["num_warps"], block["num_stages"], False))
         specs.append(_spec("manifold_column_means", _column_means_kernel, dtypes,
                            dict(BLOCK_ROWS=MEANS_BLOCK["BLOCK_ROWS"], BLOCK_E=MEANS_BLOCK["BLOCK_E"]),
                            MEANS_BLOCK["num_warps"], MEANS_BLOCK["num_stages"], False))

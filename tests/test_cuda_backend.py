@@ -7,6 +7,7 @@ Two devices run the same tests:
   Python custom ops, autograd and torch.compile are exercised here; the kernels' own numerics need
   the GPU run.
 """
+import contextlib
 import functools
 import itertools
 
@@ -39,6 +40,17 @@ def build_host_emulation() -> str:
                               extra_cflags=["-O1", "-DREPA_FAST_DISPATCH_KEY=CPU"], is_python_module=False)
 
 
+@contextlib.contextmanager
+def cuda_backend_on_host():
+    """backend="cuda" taking CPU tensors, run by the host emulation build, while in the block."""
+    cuda_backend.load_library(build_host_emulation())
+    original = backends._why_not
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "_why_not", lambda name, dev: "" if name == "cuda" else original(name, dev))
+        patch.setitem(backends._loaded, "cuda", (cuda_backend, ""))
+        yield
+
+
 @pytest.fixture(scope="module", params=[pytest.param("cuda", marks=pytest.mark.gpu),
                                         pytest.param("cpu", id="host", marks=HOST_SKIP)])
 def device(request):
@@ -47,11 +59,7 @@ def device(request):
         assert not reason, f"the cuda backend must run on this GPU machine: {reason}"
         yield "cuda"
         return
-    cuda_backend.load_library(build_host_emulation())
-    original = backends._why_not
-    with pytest.MonkeyPatch.context() as patch:  # let backend="cuda" take CPU tensors
-        patch.setattr(backends, "_why_not", lambda name, dev: "" if name == "cuda" else original(name, dev))
-        patch.setitem(backends._loaded, "cuda", (cuda_backend, ""))
+    with cuda_backend_on_host():
         yield "cpu"
 
 

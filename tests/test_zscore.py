@@ -6,9 +6,9 @@ mean is far above its std, resampled and not, fp32 / fp16 / bf16."""
 import pytest
 import torch
 
-from repa_fast import backends, cuda_backend, reference
+from repa_fast import backends, reference
 from parity import TOLERANCE, assert_matches_reference, rel_err
-from test_cuda_backend import HOST_SKIP, build_host_emulation
+from test_cuda_backend import HOST_SKIP, cuda_backend_on_host
 from test_projectors import _as_function, _projector, _target_near
 
 F64 = torch.float64
@@ -22,11 +22,7 @@ def backend(request):
     if request.param != "cuda":
         yield request.param
         return
-    cuda_backend.load_library(build_host_emulation())
-    original = backends._why_not
-    with pytest.MonkeyPatch.context() as patch:  # let backend="cuda" take CPU tensors
-        patch.setattr(backends, "_why_not", lambda name, dev: "" if name == "cuda" else original(name, dev))
-        patch.setitem(backends._loaded, "cuda", (cuda_backend, ""))
+    with cuda_backend_on_host():
         yield "cuda"
 
 

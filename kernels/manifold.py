@@ -65,7 +65,8 @@ import triton.language as tl
 
 from repa_fast.reference import use_gram_form
 
-from .projection import ACTIVATION_DTYPES, _affine_rows, _num_sms, aligned_projection, operand_class, operand_dtype
+from .projection import (ACTIVATION_DTYPES, _affine_rows, _num_sms, _target_tile, aligned_projection, operand_class,
+                         operand_dtype)
 
 
 EPS = 1e-12                    # F.normalize's eps
@@ -84,17 +85,6 @@ def _normalized(z_ptrs, t_ptrs, mask, inv_nz, inv_nt):
     zn = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nz[:, None]
     tn = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32) * inv_nt[:, None]
     return zn, tn
-
-
-@triton.jit
-def _target_tile(t_ptrs, mask, SHIFT, SCALE, affine_ptrs, affine_mask, T_AFFINE: tl.constexpr):
-    """A tile of raw target rows in fp32; with T_AFFINE, (t - shift) * scale (iREPA's z-score,
-    `target_zscore`) with the sample's per-feature shift and scale at `affine_ptrs`."""
-    t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if T_AFFINE:
-        t = (t - tl.load(SHIFT + affine_ptrs, mask=affine_mask, other=0.0)) * \
-            tl.load(SCALE + affine_ptrs, mask=affine_mask, other=0.0)
-    return t
 
 
 @triton.jit

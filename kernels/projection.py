@@ -321,14 +321,14 @@ def _cosine_finish_kernel(RowSums, RowTerms,  # RowSums: (parts, 3, M) fp32; Row
 
 
 @triton.jit
-def _load_target(T, t_offs, affine_offs, e, mask, stride_te, Shift, Scale, T_AFFINE: tl.constexpr):
-    """A (rows, E-block) tile of the target in fp32; with T_AFFINE, (t - shift) * scale with
-    the row's sample's shift and scale (`target_zscore`, (B, E) fp32 each, rows at
-    `affine_offs` = sample * E)."""
-    t = tl.load(T + t_offs[:, None] + e[None, :] * stride_te, mask=mask, other=0.0).to(tl.float32)
+def _target_tile(t_ptrs, mask, Shift, Scale, affine_offs, affine_mask, T_AFFINE: tl.constexpr):
+    """A tile of the target in fp32; with T_AFFINE, (t - shift) * scale (iREPA's z-score,
+    `target_zscore`: Shift, Scale (B, E) fp32 each) with the sample's shift and scale at
+    `affine_offs` (sample * E + feature)."""
+    t = tl.load(t_ptrs, mask=mask, other=0.0).to(tl.float32)
     if T_AFFINE:
-        offs = affine_offs[:, None] + e[None, :]
-        t = (t - tl.load(Shift + offs, mask=mask, other=0.0)) * tl.load(Scale + offs, mask=mask, other=0.0)
+        t = (t - tl.load(Shift + affine_offs, mask=affine_mask, other=0.0)) * \
+            tl.load(Scale + affine_offs, mask=affine_mask, other=0.0)
     return t
 
 
@@ -351,7 +351,8 @@ def _cosine_rows_kernel(Z, T,          # (B, N, E) strided
         e = e0 + tl.arange(0, BLOCK_E)
         mask = row_mask[:, None] & (e < E)[None, :]
         z = tl.load(Z + z_offs[:, None] + e[None, :] * stride_ze, mask=mask, other=0.0).to(tl.float32)
-        t = _load_target(T, t_offs, affine_offs, e, mask, stride_te, Shift, Scale, T_AFFINE)
+        t = _target_tile(T + t_offs[:, None] + e[None, :] * stride_te, mask, Shift, Scale,
+                         affine_offs[:, None] + e[None, :], mask, T_AFFINE)
         zt += tl.sum(z * t, axis=1)
         zz += tl.sum(z * z, axis=1)
         tt += tl.sum(t * t, axis=1)
@@ -374,8 +375,8 @@ def _cosine_grad_kernel(Z, T,          # (B, N, E) strided
     beta = tl.load(Beta + rows, mask=row_mask, other=0.0)
     z_offs = _row_offsets(rows, N, stride_zb, stride_zn)[:, None] + e[None, :] * stride_ze
     z = tl.load(Z + z_offs, mask=mask, other=0.0).to(tl.float32)
-    t = _load_target(T, _row_offsets(rows, N, stride_tb, stride_tn), rows // N * E, e, mask, stride_te, Shift, Scale,
-                     T_AFFINE)
+    t_offs = _row_offsets(rows, N, stride_tb, stride_tn)[:, None] + e[None, :] * stride_te
+    t = _target_tile(T + t_offs, mask, Shift, Scale, (rows // N * E)[:, None] + e[None, :], mask, T_AFFINE)
     dz = alpha[:, None] * t + beta[:, None] * z
     tl.store(DZ + rows.to(tl.int64)[:, None] * E + e[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
 
@@ -889,7 +890,7 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
                          w_folded, folded, step: Optional[Resample], bound: torch.Tensor):
     """Gradients (hidden, ln_weight, ln_bias, proj_weight, proj_bias) from dL/dz, which is grad_z,
     or alpha * t + beta * z when grad_z is None; `z` holds z - bf (`_projection_forward`); `bound`
-    (B*N',) >= |dL/dz| per row. Without LayerNorm (ln_weight None) its gradients are empty."""
+    (B*N',) >= |dL/dz| per row, for fp16 operands (else None). Without LayerNorm (ln_weight None) its gradients are empty."""
     x, x_stats = _projected_rows(hidden, stats, xa)
     batch, tokens, dim = x.shape
     e_dim = proj_weight.shape[0]
@@ -904,7 +905,7 @@ def _projection_backward(grad_z, z, t, alpha, beta, hidden, stats, xa, ln_weight
         t_arg, alpha_arg, beta_arg = grad_z, folded, folded
     operands = operand_class(hidden.dtype)  # x, w_folded: fp32 after aligned_projection's forward
     # only fp16 operands are scaled (else the kernels read one scale of 1)
-    if operands == "fp16":
+    if bound is not None:
         dz_scale, x_scale, g_scale = _operand_scales(bound, x, x_stats)
     else:
         dz_scale = x_scale = g_scale = torch.ones(1, device=device, dtype=torch.float32)
@@ -1147,12 +1148,13 @@ def _projection_backward_op(grad_z: Optional[Tensor], z: Tensor, target: Optiona
     cosine loss's row terms scaled by grad_loss when grad_z is None; without LayerNorm the
     ln_weight and ln_bias gradients are empty."""
     step = _decode_step(resample_kind, resample_src, resample_dst)
+    fp16 = operand_class(hidden.dtype) == "fp16"  # only fp16 operands need dL/dz rescaled
     if grad_z is None:
         alpha, beta = row_terms[1:3] * grad_loss
-        bound = row_terms[3] * grad_loss.abs()
+        bound = row_terms[3] * grad_loss.abs() if fp16 else None
     else:
         alpha = beta = None
-        bound = grad_z.abs().amax(dim=-1).reshape(-1)
+        bound = grad_z.abs().amax(dim=-1).reshape(-1) if fp16 else None
     return _projection_backward(grad_z, z, target, alpha, beta, hidden, stats, xa, ln_weight, ln_bias, proj_weight,
                                 w_folded, folded, step, bound)
 
